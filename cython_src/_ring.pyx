@@ -317,6 +317,7 @@ cdef class VringHost:
     (vringh's _kern form, for a producer in the same trust domain)."""
     cdef vrh_t h
     cdef _Mapped mapped
+    cdef object __weakref__
     cdef public int kick_fd       # eventfd the driver writes to kick us (-1 = poll only)
     cdef public int call_fd       # eventfd we write to call the driver (-1 = none)
     cdef public int64_t spin_ns   # default spin before sleeping in wait()
@@ -636,6 +637,7 @@ cdef class VringDriver:
     arena bytes [arena_off + h*slot_size, +slot_size), for single-buffer chains)."""
     cdef vrd_t d
     cdef _Mapped mapped
+    cdef object __weakref__
     cdef list _tokens             # Python tokens per head
     cdef public int kick_fd       # eventfd we write to kick the device (-1 = none)
     cdef public int call_fd       # eventfd the device writes to call us (-1 = poll only)

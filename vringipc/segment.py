@@ -1,0 +1,222 @@
+"""Shared-memory segments: create, attach, close, unlink.
+
+Two backends:
+
+* ``"shm"`` - a named POSIX shared-memory object (``posix_ipc``), reachable by
+  name from unrelated processes.  Created with ``O_CREAT|O_EXCL`` and mode 0600
+  by default, under a short unguessable name.  The creator unlinks it; attachers
+  never do.  The pages are reserved with ``posix_fallocate`` so a full
+  ``/dev/shm`` fails here, at create time, and never as SIGBUS later.
+* ``"memfd"`` - an anonymous ``memfd_create`` file sealed against shrinking and
+  growing, shared by fd (inheritance, pickling for spawn, SCM_RIGHTS).  Nothing
+  to leak, and a consumer can verify the seals, so a producer cannot truncate
+  the segment under it.
+
+A Segment is the mapping; the layout inside it is vringipc.layout's business.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import re
+import secrets
+
+import posix_ipc
+
+__all__ = ["Segment", "SHM_DIR", "NAME_PREFIX", "validate_name", "make_name"]
+
+SHM_DIR = "/dev/shm"
+NAME_PREFIX = "/vr_"
+MAX_NAME = 30                       # including the leading "/" (macOS's limit is 31)
+_NAME_RE = re.compile(r"^/[A-Za-z0-9_.\-]{1,29}$")
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def make_name() -> str:
+    """A fresh unguessable name: '/vr_' + 16 hex digits (64 random bits)."""
+    return NAME_PREFIX + secrets.token_hex(8)
+
+
+def validate_name(name: str) -> str:
+    """Return name if it is a valid segment name, else raise ValueError."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"segment name {name!r} must be '/' followed by 1..{MAX_NAME - 1} of [A-Za-z0-9_.-]")
+    return name
+
+
+def _check_free_space(size: int, path: str = SHM_DIR) -> None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if size > free:
+        raise OSError(errno.ENOSPC,
+                      f"{path} has {free} bytes free but the segment needs {size}; "
+                      f"enlarge {path} (e.g. docker --shm-size) or use backend='memfd'")
+
+
+class Segment:
+    """A mapped shared-memory segment.
+
+    ``close()`` unmaps this process's view (per handle); ``unlink()`` removes the
+    name (once, by the owner).  Class-level defaults let a half-built object be
+    closed safely."""
+
+    name: str | None = None
+    size: int = 0
+    backend: str = "shm"
+    owner: bool = False
+    _mmap: mmap.mmap | None = None
+    _fd: int = -1
+
+    def __init__(self, *, _mmap_obj, size, name, backend, owner, fd=-1):
+        self._mmap = _mmap_obj
+        self.size = size
+        self.name = name
+        self.backend = backend
+        self.owner = owner
+        self._fd = fd
+
+    # --- construction -------------------------------------------------------
+    @classmethod
+    def create(cls, size: int, *, name: str | None = None, mode: int = 0o600,
+               backend: str = "shm") -> "Segment":
+        """Create a new zero-filled segment of `size` bytes."""
+        if size <= 0:
+            raise ValueError("segment size must be positive")
+        if backend == "memfd":
+            return cls._create_memfd(size)
+        if backend != "shm":
+            raise ValueError(f"unknown backend {backend!r} (use 'shm' or 'memfd')")
+        _check_free_space(size)
+        explicit = name is not None
+        for _ in range(100):
+            nm = validate_name(name) if explicit else make_name()
+            try:
+                shm = posix_ipc.SharedMemory(nm, posix_ipc.O_CREX, mode=mode)
+            except posix_ipc.ExistentialError:
+                if explicit:
+                    raise FileExistsError(errno.EEXIST, f"segment {nm} already exists") from None
+                continue
+            break
+        else:  # pragma: no cover - 100 collisions of 64 random bits
+            raise FileExistsError(errno.EEXIST, "could not find a free segment name")
+        try:
+            fd = shm.fd
+            os.ftruncate(fd, size)
+            # Reserve the pages now: ENOSPC here instead of SIGBUS on first touch.
+            os.posix_fallocate(fd, 0, size)
+            m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            shm.close_fd()
+            posix_ipc.unlink_shared_memory(nm)
+            if e.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise OSError(e.errno, f"no room in {SHM_DIR} for a {size}-byte segment: {e.strerror}") from e
+            raise
+        shm.close_fd()
+        return cls(_mmap_obj=m, size=size, name=nm, backend="shm", owner=True)
+
+    @classmethod
+    def _create_memfd(cls, size: int) -> "Segment":
+        fd = os.memfd_create("vringipc", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(_mmap_obj=m, size=size, name=None, backend="memfd", owner=True, fd=fd)
+
+    @classmethod
+    def attach(cls, name: str, *, expect_size: int | None = None) -> "Segment":
+        """Map an existing named segment (never unlinks it)."""
+        validate_name(name)
+        try:
+            shm = posix_ipc.SharedMemory(name)
+        except posix_ipc.ExistentialError:
+            raise FileNotFoundError(errno.ENOENT, f"no segment named {name}") from None
+        except posix_ipc.PermissionsError as e:
+            raise PermissionError(errno.EACCES, f"not allowed to open segment {name}: {e}") from None
+        try:
+            size = os.fstat(shm.fd).st_size
+            if size == 0 or (expect_size is not None and size != expect_size):
+                raise ValueError(f"segment {name} has {size} bytes, expected {expect_size}")
+            m = mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            shm.close_fd()
+        return cls(_mmap_obj=m, size=size, name=name, backend="shm", owner=False)
+
+    @classmethod
+    def from_fd(cls, fd: int, *, require_sealed: bool = True) -> "Segment":
+        """Map a memfd received from another process (takes ownership of fd).
+
+        With require_sealed, refuse a memfd whose size could still change: the
+        peer that sent it could otherwise truncate it and make us SIGBUS."""
+        try:
+            if require_sealed:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+                if seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) != (
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW):
+                    raise PermissionError(errno.EPERM, "memfd is not sealed against resizing")
+            size = os.fstat(fd).st_size
+            m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(_mmap_obj=m, size=size, name=None, backend="memfd", owner=False, fd=fd)
+
+    # --- use -------------------------------------------------------------------
+    @property
+    def buf(self) -> mmap.mmap:
+        if self._mmap is None:
+            raise ValueError("segment is closed")
+        return self._mmap
+
+    @property
+    def fd(self) -> int:
+        """The memfd (memfd backend only; -1 otherwise)."""
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._mmap is None
+
+    def close(self) -> None:
+        """Unmap this handle.  Fails with BufferError while ring objects or views
+        still export the mapping: release them first."""
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def unlink(self) -> None:
+        """Remove the name (shm backend); the memory lives on until every
+        mapping is gone.  Idempotent."""
+        if self.backend == "shm" and self.name is not None:
+            try:
+                posix_ipc.unlink_shared_memory(self.name)
+            except posix_ipc.ExistentialError:
+                pass
+
+    def __enter__(self) -> "Segment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.close()
+        finally:
+            if self.owner:
+                self.unlink()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.size} bytes"
+        return f"<Segment {self.backend} {self.name or f'fd={self._fd}'} {state}{' owner' if self.owner else ''}>"
