@@ -42,7 +42,7 @@ cdef extern from "<sched.h>" nogil:
 
 FEATURE_INDIRECT_DESC = 1 << VR_F_INDIRECT_DESC
 FEATURE_EVENT_IDX = 1 << VR_F_EVENT_IDX
-FEATURE_VERSION_1 = 1 << VR_F_VERSION_1
+FEATURE_VERSION_1 = 1 << int(VR_F_VERSION_1)
 MAX_NUM = VR_MAX_NUM
 
 DEFAULT_MAX_IOV = 1024
@@ -747,6 +747,10 @@ cdef class VringDriver:
     def last_used_idx(self): return self.d.last_used_idx
     @property
     def slot_size(self): return self.d.slot_size
+    @property
+    def indirect_pool_offset(self):
+        """Start of the indirect pool in the segment (None without one)."""
+        return self.d.ind_off if self.d.indirect else None
 
     def slot_offset(self, uint32_t head):
         """Segment offset of head's slot (slot mode)."""

@@ -119,14 +119,16 @@ class SharedRing:
         """The driver (producer) side of ring `index`.
 
         With slot_size, head h owns window bytes [h*slot_size, +slot_size).  When
-        INDIRECT is negotiated an indirect pool is placed after the slots if it
-        fits (indirect_entries per head, default min(num, 16))."""
+        INDIRECT is negotiated an indirect pool (indirect_entries descriptors per
+        head, default min(num, 16)) takes the END of the window, if it fits
+        after the slots; buffers you place yourself must stay below
+        ``driver.indirect_pool_offset``."""
         r = self.layout.rings[index]
         pool = None
         if self.layout.indirect:
             ent = min(r.num, 16) if indirect_entries is None else indirect_entries
-            pool_off = L.align_up(r.win_off + slot_size * r.num, 16)
-            if ent >= 2 and pool_off + ent * 16 * r.num <= r.win_off + r.win_size:
+            pool_off = (r.win_off + r.win_size - ent * 16 * r.num) & ~15
+            if ent >= 2 and pool_off >= r.win_off + slot_size * r.num:
                 pool = (pool_off, ent)
         d = VringDriver(self.segment.buf, *r.ring_args(), features=self.layout.features,
                         indirect_pool=pool, slot_size=slot_size, kick_fd=self.kick_fds[index],
