@@ -1,0 +1,5 @@
+import sys
+
+from vringipc.cli import main
+
+sys.exit(main())
