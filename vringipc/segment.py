@@ -26,7 +26,7 @@ import secrets
 
 import posix_ipc
 
-__all__ = ["Segment", "SHM_DIR", "NAME_PREFIX", "validate_name", "make_name"]
+__all__ = ["Segment", "SHM_DIR", "NAME_PREFIX", "validate_name", "make_name", "name_pid"]
 
 SHM_DIR = "/dev/shm"
 NAME_PREFIX = "/vr_"
@@ -36,8 +36,16 @@ _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 def make_name() -> str:
-    """A fresh unguessable name: '/vr_' + 16 hex digits (64 random bits)."""
-    return NAME_PREFIX + secrets.token_hex(8)
+    """A fresh unguessable name: '/vr_<creator pid hex>_<48 random bits hex>'
+    (at most 23 characters).  The pid lets `vringipc gc` and the tests find
+    segments whose creator is gone."""
+    return f"{NAME_PREFIX}{os.getpid():x}_{secrets.token_hex(6)}"
+
+
+def name_pid(name: str) -> int | None:
+    """The creator pid embedded in a generated name, or None."""
+    m = re.match(r"^/vr_([0-9a-f]{1,8})_[0-9a-f]{12}$", name)
+    return int(m.group(1), 16) if m else None
 
 
 def validate_name(name: str) -> str:

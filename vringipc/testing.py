@@ -9,7 +9,7 @@ import contextlib
 import os
 import secrets
 
-from vringipc.segment import NAME_PREFIX, SHM_DIR
+from vringipc.segment import NAME_PREFIX, SHM_DIR, name_pid
 
 __all__ = ["unique_name", "shm_entries", "shm_leak_check", "live_children"]
 
@@ -27,12 +27,30 @@ def shm_entries() -> set[str]:
         return set()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def shm_leak_check():
-    """Fail if the block leaves new vringipc entries in /dev/shm (removing them)."""
+    """Fail if the block leaves new vringipc entries in /dev/shm (removing them).
+
+    Only entries this process (or a process that has since exited) created
+    count, so tests of other processes running at the same time are ignored."""
+    me = os.getpid()
     before = shm_entries()
     yield
-    leaked = shm_entries() - before
+    leaked = set()
+    for name in shm_entries() - before:
+        pid = name_pid(name)
+        if pid is None or pid == me or not _pid_alive(pid):
+            leaked.add(name)
     for name in leaked:
         with contextlib.suppress(OSError):
             os.unlink(SHM_DIR + name)
