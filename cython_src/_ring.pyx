@@ -118,27 +118,126 @@ def check_ring_geometry(Py_ssize_t size, uint64_t num, uint64_t desc_off, uint64
         raise ValueError("the arena cannot start at offset 0")
 
 
-cdef int _wait_fd(int fd, int64_t timeout_ns) noexcept nogil:
-    """Sleep until fd is readable or timeout_ns passes (<0 = forever); drain it.
-    1 = readable, 0 = timeout, -EINTR = a signal arrived (check it)."""
-    cdef pollfd p
+cdef int _wait_fds(int fd, int peer_fd, int64_t timeout_ns) noexcept nogil:
+    """Sleep until fd (an eventfd) or peer_fd (a pidfd, -1 = none) is readable,
+    or timeout_ns passes (<0 = forever); drain the eventfd.
+    1 = eventfd readable, 2 = the peer exited, 0 = timeout, -errno (-EINTR: a
+    signal arrived, check it)."""
+    cdef pollfd p[2]
     cdef uint64_t buf
     cdef int ms, rc
-    p.fd = fd
-    p.events = POLLIN
-    p.revents = 0
+    cdef unsigned long n = 1
+    p[0].fd = fd
+    p[0].events = POLLIN
+    p[0].revents = 0
+    if peer_fd >= 0:
+        p[1].fd = peer_fd
+        p[1].events = POLLIN
+        p[1].revents = 0
+        n = 2
     if timeout_ns < 0:
         ms = -1
     else:
         ms = <int>((timeout_ns + 999999) // 1000000)
-    rc = poll(&p, 1, ms)
+    rc = poll(p, n, ms)
     if rc < 0:
         return -errno
     if rc == 0:
         return 0
-    # eventfd: one read drains the counter (a kick storm costs one wake-up).
-    read(fd, &buf, 8)
-    return 1
+    if p[0].revents:
+        # eventfd: one read drains the counter (a kick storm costs one wake-up).
+        read(fd, &buf, 8)
+        return 1
+    return 2
+
+
+# The wait loop shared by both sides: spin on `pending`, then arm
+# notifications, re-check (the arm functions end with the SC fence of barrier
+# C or D, so a publish racing with us is either seen here or kicks us), sleep
+# on the eventfd, disarm.  Function pointers keep it one piece of code.
+ctypedef bint (*pending_fn)(void *ring) noexcept nogil
+ctypedef bint (*arm_fn)(void *ring) noexcept nogil     # True = still empty, safe to sleep
+ctypedef void (*disarm_fn)(void *ring) noexcept nogil
+
+cdef bint _host_pending(void *r) noexcept nogil:
+    return vrh_avail_pending(<vrh_t *>r)
+cdef bint _host_arm(void *r) noexcept nogil:
+    return vrh_notify_enable(<vrh_t *>r)
+cdef void _host_disarm(void *r) noexcept nogil:
+    vrh_notify_disable(<vrh_t *>r)
+cdef bint _drv_pending(void *r) noexcept nogil:
+    return vrd_used_pending(<vrd_t *>r)
+cdef bint _drv_arm(void *r) noexcept nogil:
+    return vrd_enable_cb(<vrd_t *>r)
+cdef bint _drv_arm_delayed(void *r) noexcept nogil:
+    return vrd_enable_cb_delayed(<vrd_t *>r)
+cdef void _drv_disarm(void *r) noexcept nogil:
+    vrd_disable_cb(<vrd_t *>r)
+
+
+cdef int _wait_ring(void *ring, pending_fn pending, arm_fn arm, disarm_fn disarm, int fd,
+                    int peer_fd, int64_t deadline, int64_t spin_ns, object check,
+                    double check_interval) except -1:
+    """1 = ready, 0 = timeout (deadline in ns of vr_now_ns, <0 = none),
+    2 = peer_fd readable (the peer exited).  Honours signals; `check()` (may
+    raise) runs every check_interval seconds of sleep and after a wake-up that
+    brought nothing."""
+    cdef int64_t spin_end, slice_ns, rem
+    cdef int rc
+    cdef bint got = False
+    cdef int64_t chunk = <int64_t>(check_interval * 1e9) if check is not None else -1
+    if pending(ring):
+        return 1
+    # Spin phase, in slices so that Ctrl-C is seen even with a long spin.
+    while spin_ns > 0:
+        slice_ns = spin_ns if spin_ns < 20_000_000 else 20_000_000
+        spin_end = <int64_t>vr_now_ns() + slice_ns
+        if deadline >= 0 and spin_end > deadline:
+            spin_end = deadline
+        with nogil:
+            while True:
+                if pending(ring):
+                    got = True
+                    break
+                if <int64_t>vr_now_ns() >= spin_end:
+                    break
+                vr_cpu_relax()
+        if got:
+            return 1
+        spin_ns -= slice_ns
+        if deadline >= 0 and _remaining(deadline) == 0:
+            return 0
+        PyErr_CheckSignals()
+    while True:
+        if not arm(ring):
+            disarm(ring)
+            return 1
+        rem = _remaining(deadline)
+        if rem == 0:
+            disarm(ring)
+            return 1 if pending(ring) else 0
+        if chunk > 0 and (rem < 0 or rem > chunk):
+            rem = chunk
+        if fd < 0:
+            # no eventfd (polling mode): yield the CPU and look again
+            with nogil:
+                sched_yield()
+            rc = 0
+        else:
+            with nogil:
+                rc = _wait_fds(fd, peer_fd, rem)
+        disarm(ring)
+        if rc == -EINTR:
+            PyErr_CheckSignals()
+            continue
+        if rc < 0:
+            raise OSError(-rc, "poll on eventfd failed")
+        if pending(ring):
+            return 1
+        if rc == 2:
+            return 2
+        if check is not None and (rc == 0 or fd >= 0):
+            check()
 
 
 cdef int _signal_fd(int fd) noexcept nogil:
@@ -512,60 +611,9 @@ cdef class VringHost:
         kick_fd.  `check()` is called every check_interval seconds while asleep
         and may raise (e.g. when the peer died).  Signals are honoured."""
         self._check_open()
-        cdef int64_t deadline = _deadline(timeout)
         cdef int64_t spin_ns = self.spin_ns if spin is None else <int64_t>(float(spin) * 1e9)
-        cdef int64_t spin_end, slice_ns, rem
-        cdef int rc
-        cdef bint got = False
-        cdef int64_t chunk = <int64_t>(check_interval * 1e9) if check is not None else -1
-        if vrh_avail_pending(&self.h):
-            return True
-        # Spin phase, in chunks so Ctrl-C is seen even with a long spin.
-        while spin_ns > 0:
-            slice_ns = spin_ns if spin_ns < 20_000_000 else 20_000_000
-            spin_end = <int64_t>vr_now_ns() + slice_ns
-            if deadline >= 0 and spin_end > deadline:
-                spin_end = deadline
-            with nogil:
-                while True:
-                    if vrh_avail_pending(&self.h):
-                        got = True
-                        break
-                    if <int64_t>vr_now_ns() >= spin_end:
-                        break
-                    vr_cpu_relax()
-            if got:
-                return True
-            spin_ns -= slice_ns
-            if deadline >= 0 and _remaining(deadline) == 0:
-                return False
-            PyErr_CheckSignals()
-        while True:
-            if not vrh_notify_enable(&self.h):
-                vrh_notify_disable(&self.h)
-                return True
-            rem = _remaining(deadline)
-            if rem == 0:
-                vrh_notify_disable(&self.h)
-                return vrh_avail_pending(&self.h)
-            if chunk > 0 and (rem < 0 or rem > chunk):
-                rem = chunk
-            if self.kick_fd < 0:
-                with nogil:
-                    sched_yield()
-                rc = 0
-            else:
-                with nogil:
-                    rc = _wait_fd(self.kick_fd, rem)
-            vrh_notify_disable(&self.h)
-            if rc == -EINTR:
-                PyErr_CheckSignals()
-            elif rc < 0:
-                raise OSError(-rc, "poll on kick fd failed")
-            if vrh_avail_pending(&self.h):
-                return True
-            if rc == 0 and check is not None:
-                check()
+        return _wait_ring(&self.h, _host_pending, _host_arm, _host_disarm, self.kick_fd, -1,
+                          _deadline(timeout), spin_ns, check, check_interval) == 1
 
     # --- batch API (no GIL) ---------------------------------------------------
     def pull_many(self, dst, lengths, uint32_t max_count=0xffffffff, bint notify=True):
@@ -934,62 +982,14 @@ cdef class VringDriver:
     def wait_used(self, timeout=None, spin=None, check=None, double check_interval=0.1,
                   bint delayed=False):
         """Block until the device returns a chain.  True = get_buf has something,
-        False = timeout.  Same spin / sleep / check contract as VringHost.wait."""
+        False = timeout.  Same spin / sleep / check contract as VringHost.wait;
+        delayed=True asks for a call only after ~3/4 of the outstanding chains
+        are used (enable_cb_delayed)."""
         self._check_open()
-        cdef int64_t deadline = _deadline(timeout)
         cdef int64_t spin_ns = self.spin_ns if spin is None else <int64_t>(float(spin) * 1e9)
-        cdef int64_t spin_end, slice_ns, rem
-        cdef int rc
-        cdef bint got = False, empty
-        cdef int64_t chunk = <int64_t>(check_interval * 1e9) if check is not None else -1
-        if vrd_used_pending(&self.d):
-            return True
-        while spin_ns > 0:
-            slice_ns = spin_ns if spin_ns < 20_000_000 else 20_000_000
-            spin_end = <int64_t>vr_now_ns() + slice_ns
-            if deadline >= 0 and spin_end > deadline:
-                spin_end = deadline
-            with nogil:
-                while True:
-                    if vrd_used_pending(&self.d):
-                        got = True
-                        break
-                    if <int64_t>vr_now_ns() >= spin_end:
-                        break
-                    vr_cpu_relax()
-            if got:
-                return True
-            spin_ns -= slice_ns
-            if deadline >= 0 and _remaining(deadline) == 0:
-                return False
-            PyErr_CheckSignals()
-        while True:
-            empty = vrd_enable_cb_delayed(&self.d) if delayed else vrd_enable_cb(&self.d)
-            if not empty:
-                vrd_disable_cb(&self.d)
-                return True
-            rem = _remaining(deadline)
-            if rem == 0:
-                vrd_disable_cb(&self.d)
-                return vrd_used_pending(&self.d)
-            if chunk > 0 and (rem < 0 or rem > chunk):
-                rem = chunk
-            if self.call_fd < 0:
-                with nogil:
-                    sched_yield()
-                rc = 0
-            else:
-                with nogil:
-                    rc = _wait_fd(self.call_fd, rem)
-            vrd_disable_cb(&self.d)
-            if rc == -EINTR:
-                PyErr_CheckSignals()
-            elif rc < 0:
-                raise OSError(-rc, "poll on call fd failed")
-            if vrd_used_pending(&self.d):
-                return True
-            if rc == 0 and check is not None:
-                check()
+        return _wait_ring(&self.d, _drv_pending, _drv_arm_delayed if delayed else _drv_arm,
+                          _drv_disarm, self.call_fd, -1, _deadline(timeout), spin_ns, check,
+                          check_interval) == 1
 
     # --- batch API (no GIL) ---------------------------------------------------
     def add_many_slots(self, src, lengths, uint32_t count, bint kick=True):
