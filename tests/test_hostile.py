@@ -32,7 +32,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import vringipc
 from vringipc import Iov, InvalidDescriptor, InvalidRing, VringDriver, VringHost
 from vringipc import layout as L
 from vringipc.errors import PeerDead
