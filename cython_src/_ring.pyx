@@ -21,7 +21,7 @@ from vring cimport *
 include "vringh.pxi"
 include "vringd.pxi"
 
-from vringipc.errors import InvalidRing, InvalidDescriptor
+from vringipc.errors import InvalidRing, InvalidDescriptor, MessageTooLarge, PeerDead, Full, Empty
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -186,6 +186,7 @@ cdef int _wait_ring(void *ring, pending_fn pending, arm_fn arm, disarm_fn disarm
     cdef int rc
     cdef bint got = False
     cdef int64_t chunk = <int64_t>(check_interval * 1e9) if check is not None else -1
+    cdef int64_t next_check = <int64_t>vr_now_ns() + chunk
     if pending(ring):
         return 1
     # Spin phase, in slices so that Ctrl-C is seen even with a long spin.
@@ -236,7 +237,8 @@ cdef int _wait_ring(void *ring, pending_fn pending, arm_fn arm, disarm_fn disarm
             return 1
         if rc == 2:
             return 2
-        if check is not None and (rc == 0 or fd >= 0):
+        if check is not None and (fd >= 0 or <int64_t>vr_now_ns() >= next_check):
+            next_check = <int64_t>vr_now_ns() + chunk
             check()
 
 
@@ -268,12 +270,16 @@ cdef int64_t _remaining(int64_t deadline) noexcept nogil:
 
 cdef class _Mapped:
     """Holds a writable buffer export of the segment for as long as a ring side
-    uses it: the mapping cannot be closed or resized underneath."""
+    uses it: the mapping cannot be closed or resized underneath.  `pins` counts
+    objects that hand out raw pointers into it (message views, loans): a
+    release() while pinned is deferred until the last unpin()."""
     cdef Py_buffer view
     cdef bint has_view
     cdef uint8_t *base
     cdef Py_ssize_t size
     cdef object mv
+    cdef public int pins
+    cdef bint release_pending
 
     def __cinit__(self, buffer):
         PyObject_GetBuffer(buffer, &self.view, PyBUF_WRITABLE)
@@ -288,12 +294,24 @@ cdef class _Mapped:
             self.has_view = False
 
     cdef release(self):
+        if self.pins > 0:
+            self.release_pending = True
+            return
+        self.release_pending = False
         if self.mv is not None:
-            self.mv.release()
+            try:
+                self.mv.release()
+            except BufferError:
+                pass            # an Iov.views() memoryview is still alive; GC frees it
             self.mv = None
         if self.has_view:
             PyBuffer_Release(&self.view)
             self.has_view = False
+
+    cdef unpin(self):
+        self.pins -= 1
+        if self.pins == 0 and self.release_pending:
+            self.release()
 
 
 cdef class Iov:
@@ -430,8 +448,8 @@ cdef class VringHost:
                   int kick_fd=-1, int call_fd=-1, spin_ns=DEFAULT_SPIN_NS):
         self.mapped = _Mapped(buffer)
         check_ring_geometry(self.mapped.size, num, desc_off, avail_off, used_off, arena_off, arena_size)
-        if max_iov < 1:
-            raise ValueError("max_iov must be at least 1")
+        if max_iov < 1 or max_iov > 65536:
+            raise ValueError("max_iov must be in 1..65536")
         memset(&self.h, 0, sizeof(vrh_t))
         self.h.base = self.mapped.base
         self.h.num = num
@@ -470,6 +488,7 @@ cdef class VringHost:
     def set_base(self, uint16_t idx):
         """Resume at index `idx` (vhost SET_VRING_BASE): next avail entry, used
         idx.  Forgets in-flight chains and clears the broken state."""
+        self._check_open()
         self.h.last_avail_idx = idx
         self.h.shadow_avail_idx = idx
         self.h.last_used_idx = idx
@@ -527,6 +546,8 @@ cdef class VringHost:
         cdef int rc
         if riov is None and wiov is None:
             raise ValueError("getdesc needs riov, wiov or both")
+        if riov is wiov:
+            raise ValueError("riov and wiov must be different Iov objects")
         if riov is not None:
             riov.mapped = self.mapped
             riov.writable = False
@@ -579,24 +600,29 @@ cdef class VringHost:
     def need_notify(self):
         """vringh_need_notify: True if the driver wants to hear about the
         completions since the last call."""
+        self._check_open()
         return vrh_need_notify(&self.h) == 1
 
     def notify_enable(self):
         """vringh_notify_enable: ask to be kicked.  True = still empty (safe to
         sleep), False = buffers arrived meanwhile."""
+        self._check_open()
         return vrh_notify_enable(&self.h)
 
     def notify_disable(self):
         """vringh_notify_disable: we are polling (a no-op with EVENT_IDX)."""
+        self._check_open()
         vrh_notify_disable(&self.h)
 
     def pending(self):
         """True if the driver has published chains we have not fetched."""
+        self._check_open()
         return vrh_avail_pending(&self.h)
 
     # --- notification ---------------------------------------------------------
     def notify(self):
         """need_notify(), and if so signal call_fd.  Returns True if signalled."""
+        self._check_open()
         if vrh_need_notify(&self.h) == 1:
             _signal_fd(self.call_fd)
             return True
@@ -750,6 +776,7 @@ cdef class VringDriver:
     def set_base(self, uint16_t idx):
         """Start (or restart) at index `idx` with every descriptor free and
         callbacks disabled.  Both sides must use the same base."""
+        self._check_open()
         cdef uint32_t k
         for k in range(self.d.num):
             self.d.link[k] = <uint16_t>(k + 1)
@@ -900,10 +927,12 @@ cdef class VringDriver:
 
     def kick_prepare(self):
         """virtqueue_kick_prepare: True if the device asked to be kicked."""
+        self._check_open()
         return vrd_kick_prepare(&self.d)
 
     def kick(self):
         """kick_prepare() and, if needed, signal kick_fd.  True if signalled."""
+        self._check_open()
         if vrd_kick_prepare(&self.d):
             _signal_fd(self.kick_fd)
             return True
@@ -946,31 +975,38 @@ cdef class VringDriver:
 
     def disable_cb(self):
         """virtqueue_disable_cb: we poll; the device need not call."""
+        self._check_open()
         vrd_disable_cb(&self.d)
 
     def enable_cb_prepare(self):
+        self._check_open()
         return vrd_enable_cb_prepare(&self.d)
 
     def poll(self, uint16_t last):
         """virtqueue_poll(last): True if used entries arrived since `last`."""
+        self._check_open()
         return vrd_poll(&self.d, last)
 
     def enable_cb(self):
         """virtqueue_enable_cb: True = nothing pending (safe to sleep)."""
+        self._check_open()
         return vrd_enable_cb(&self.d)
 
     def enable_cb_delayed(self):
         """virtqueue_enable_cb_delayed: True = safe to sleep until ~3/4 of the
         outstanding buffers are used."""
+        self._check_open()
         return vrd_enable_cb_delayed(&self.d)
 
     def pending(self):
         """True if the device returned chains we have not reclaimed."""
+        self._check_open()
         return vrd_used_pending(&self.d)
 
     def detach_unused(self):
         """virtqueue_detach_unused_buf for all: tokens of chains never used,
         after the device has stopped.  Frees their descriptors."""
+        self._check_open()
         out = []
         cdef uint32_t k
         for k in range(self.d.num):
@@ -1101,6 +1137,9 @@ cdef class SharedWords:
 
     def add64(self, Py_ssize_t off, uint64_t v):
         return vr_fetch_add_u64(<uint64_t *>_word(self.mapped, off, 8), v)
+
+
+include "_channel.pxi"
 
 
 def need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old):

@@ -103,9 +103,11 @@ cdef inline int vrh_fail(vrh_t *h, int err, int reason, uint64_t a, uint64_t b, 
 cdef inline int vrh_iov_append(vrh_t *h, vr_iov *iov, uint64_t off, uint32_t ln) noexcept nogil:
     cdef uint32_t ncap
     cdef vr_seg *p
+    if iov.used >= h.max_iov:
+        # checked against the host's cap, not the array size: an iov reused
+        # from a host with a larger cap may already be bigger
+        return vrh_fail(h, E2BIG, D_IOV_MAX, h.max_iov, 0, False)
     if iov.used == iov.cap:
-        if iov.cap >= h.max_iov:
-            return vrh_fail(h, E2BIG, D_IOV_MAX, h.max_iov, 0, False)
         ncap = iov.cap * 2 if iov.cap else 8
         if ncap > h.max_iov:
             ncap = h.max_iov

@@ -833,10 +833,6 @@ def test_r25_zero_length_segments_count_towards_max_iov(rr):
     expect_desc(rr, h, errno.E2BIG, 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: vrh_iov_append only checks max_iov when the Iov's array is full "
-    "(iov.cap >= h.max_iov); an Iov grown by another host (cap 8 after its first use) "
-    "lets a host with max_iov=4 collect 5+ segments. Fix: test iov.used >= h.max_iov first."))
 def test_r25_max_iov_holds_for_an_iov_reused_from_another_host(raw):
     rr = raw()
     riov = Iov()
@@ -1351,11 +1347,6 @@ def test_misuse_abandon_past_a_completed_one(rr):
     h.complete(0, 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (misuse guard): getdesc(iov, iov) with one Iov for both directions is accepted: "
-    "readable and writable segments land in the same iov, its writable capacity counts the "
-    "readable bytes, so complete(head, r+w) passes and the driver then breaks the ring "
-    "(used len above its writable bytes). Fix: raise ValueError in getdesc if riov is wiov."))
 def test_misuse_same_iov_for_both_directions(rr):
     h = rr.host()
     d = rr.driver()
@@ -1451,7 +1442,7 @@ _CLOSED_REASON = (
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("call", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=_CLOSED_REASON))
+@pytest.mark.parametrize("call", [pytest.param(c)
                                   for c in _CLOSED_CALLS])
 def test_misuse_closed_side_raises_instead_of_crashing(call):
     res = _run_closed(call)
@@ -1460,7 +1451,6 @@ def test_misuse_closed_side_raises_instead_of_crashing(call):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=_CLOSED_REASON)
 def test_misuse_host_pending_after_shared_ring_close():
     res = _run_closed("h.pending()", via_ring=True)
     assert res.returncode == 0, f"exit {res.returncode} {res.stderr[-300:]}"
@@ -1468,7 +1458,6 @@ def test_misuse_host_pending_after_shared_ring_close():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=_CLOSED_REASON)
 def test_misuse_host_notify_disable_after_close_without_event_idx():
     res = _run_closed("h.notify_disable()", event_idx=False)
     assert res.returncode == 0, f"exit {res.returncode} {res.stderr[-300:]}"

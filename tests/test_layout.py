@@ -120,9 +120,6 @@ def test_flag_and_feature_values(c_abi):
     assert L.F_VERSION_1 == 1 << 32
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: _ring.pyx computes FEATURE_VERSION_1 = 1 << VR_F_VERSION_1 as a C int shift "
-    "(undefined for 32, gives 0); should be (<uint64_t>1) << VR_F_VERSION_1"))
 def test_feature_version_1_constant():
     assert vringipc.FEATURE_VERSION_1 == L.F_VERSION_1 == 1 << 32
 
@@ -456,10 +453,6 @@ def test_validate_name_rejects(bad):
         validate_name(bad)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: segment._NAME_RE ends in '$', which also matches before a trailing newline, so "
-    "validate_name accepts '/abc\\n' (and a 31-character '/'+29 chars+'\\n'). "
-    "Fix: _NAME_RE.fullmatch(name) or end the pattern with \\Z."))
 @pytest.mark.parametrize("bad", ["/abc\n", "/" + "a" * 29 + "\n"], ids=["newline", "newline-31"])
 def test_validate_name_rejects_trailing_newline(bad):
     with pytest.raises(ValueError):

@@ -31,7 +31,7 @@ __all__ = ["Segment", "SHM_DIR", "NAME_PREFIX", "validate_name", "make_name", "n
 SHM_DIR = "/dev/shm"
 NAME_PREFIX = "/vr_"
 MAX_NAME = 30                       # including the leading "/" (macOS's limit is 31)
-_NAME_RE = re.compile(r"^/[A-Za-z0-9_.\-]{1,29}$")
+_NAME_RE = re.compile(r"/[A-Za-z0-9_.\-]{1,29}")
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
@@ -44,13 +44,13 @@ def make_name() -> str:
 
 def name_pid(name: str) -> int | None:
     """The creator pid embedded in a generated name, or None."""
-    m = re.match(r"^/vr_([0-9a-f]{1,8})_[0-9a-f]{12}$", name)
+    m = re.fullmatch(r"/vr_([0-9a-f]{1,8})_[0-9a-f]{12}", name)
     return int(m.group(1), 16) if m else None
 
 
 def validate_name(name: str) -> str:
     """Return name if it is a valid segment name, else raise ValueError."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(
             f"segment name {name!r} must be '/' followed by 1..{MAX_NAME - 1} of [A-Za-z0-9_.-]")
     return name

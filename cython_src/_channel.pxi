@@ -1,0 +1,715 @@
+# _channel.pxi - the hot path of the zero-copy Channel (one producer, one
+# consumer), over the same vrd_t / vrh_t verbs as VringDriver / VringHost.
+# Included by _ring.pyx; the public API is vringipc/channel.py.
+#
+# Producer: every message is one contiguous arena allocation and one
+# descriptor.  Allocation is a byte ring over the arena window (FIFO order)
+# that tolerates out-of-order release: a message's bytes return to the pool
+# once it and every older allocation are done, so a long-held view delays
+# reuse but never lets later traffic overwrite it.
+# Consumer: recv copies out and completes at once; recv_view hands out a
+# MessageView over shared memory and completes when the view is released and
+# no buffer export of it remains.
+
+from cpython.buffer cimport PyBuffer_FillInfo
+
+cdef enum:
+    ALLOC_ALIGN = 64          # cache line; also keeps NumPy buffers aligned
+    F_LIVE = 0                # fifo entry states
+    F_DONE = 1                # used by the consumer (head already back on the free list)
+    F_CANCELLED = 2           # loan cancelled: head freed when the entry is popped
+
+
+cdef inline uint64_t _align_up(uint64_t x, uint64_t a) noexcept nogil:
+    return (x + a - 1) & ~(a - 1)
+
+
+cdef class ChannelSender:
+    """Producer end of a Channel (hot path)."""
+    cdef vrd_t d
+    cdef _Mapped mapped
+    cdef object __weakref__
+    cdef public int kick_fd        # eventfd: producer -> consumer
+    cdef public int call_fd        # eventfd: consumer -> producer
+    cdef public int peer_fd        # pidfd of the consumer, -1 if unknown
+    cdef public int64_t spin_ns    # spin before sleeping when the ring is full
+    cdef public object check       # callable run while waiting (peer liveness); may raise
+    cdef uint64_t win_off          # arena window [win_off, win_off + win_size)
+    cdef uint64_t win_size
+    cdef uint64_t pos_head         # next allocation position (bytes, relative)
+    cdef uint64_t pos_tail         # start of the oldest live allocation
+    cdef uint16_t *f_head          # [num] fifo: head of each allocation, in order
+    cdef uint64_t *f_end           # [num] fifo: end position of each allocation
+    cdef uint64_t *f_prev          # [num] fifo: pos_head before it (to roll back a cancel)
+    cdef uint8_t *f_state          # [num] fifo: F_LIVE / F_DONE / F_CANCELLED
+    cdef uint32_t *h_fifo          # [num] fifo counter of each head's allocation
+    cdef uint32_t f_r, f_w         # fifo read / write counters
+    cdef uint32_t n_loans          # loans handed out and not yet committed/cancelled
+
+    def __cinit__(self, buffer, uint32_t num, uint64_t desc_off, uint64_t avail_off,
+                  uint64_t used_off, uint64_t win_off, uint64_t win_size, *,
+                  uint64_t features=0, int kick_fd=-1, int call_fd=-1, spin_ns=DEFAULT_SPIN_NS):
+        self.mapped = _Mapped(buffer)
+        check_ring_geometry(self.mapped.size, num, desc_off, avail_off, used_off, win_off, win_size)
+        memset(&self.d, 0, sizeof(vrd_t))
+        self.d.base = self.mapped.base
+        self.d.num = num
+        self.d.mask = num - 1
+        self.d.desc = <vr_desc *>(self.mapped.base + desc_off)
+        self.d.avail = <vr_avail *>(self.mapped.base + avail_off)
+        self.d.used = <vr_used *>(self.mapped.base + used_off)
+        self.d.used_event = vr_used_event(self.d.avail, num)
+        self.d.avail_event = vr_avail_event(self.d.used, num)
+        self.d.arena_lo = win_off
+        self.d.arena_hi = win_off + win_size
+        self.d.event_idx = (features >> VR_F_EVENT_IDX) & 1
+        self.win_off = win_off
+        self.win_size = win_size
+        self.d.link = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
+        self.d.ndesc = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
+        self.d.wcap = <uint32_t *>PyMem_RawCalloc(num, sizeof(uint32_t))
+        self.d.token = <uint64_t *>PyMem_RawCalloc(num, sizeof(uint64_t))
+        self.f_head = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
+        self.f_end = <uint64_t *>PyMem_RawCalloc(num, sizeof(uint64_t))
+        self.f_prev = <uint64_t *>PyMem_RawCalloc(num, sizeof(uint64_t))
+        self.f_state = <uint8_t *>PyMem_RawCalloc(num, 1)
+        self.h_fifo = <uint32_t *>PyMem_RawCalloc(num, sizeof(uint32_t))
+        if not (self.d.link and self.d.ndesc and self.d.wcap and self.d.token and self.f_head
+                and self.f_end and self.f_prev and self.f_state and self.h_fifo):
+            raise MemoryError()
+        self.kick_fd = kick_fd
+        self.call_fd = call_fd
+        self.peer_fd = -1
+        self.spin_ns = spin_ns
+        cdef uint32_t k
+        cdef uint16_t base = vr_load_relaxed_u16(&self.d.avail.idx)
+        for k in range(num):
+            self.d.link[k] = <uint16_t>(k + 1)
+        self.d.num_free = num
+        self.d.avail_idx = self.d.published_idx = self.d.kicked_idx = base
+        self.d.last_used_idx = self.d.shadow_used_idx = base
+        vrd_disable_cb(&self.d)
+
+    def __dealloc__(self):
+        PyMem_RawFree(self.d.link)
+        PyMem_RawFree(self.d.ndesc)
+        PyMem_RawFree(self.d.wcap)
+        PyMem_RawFree(self.d.token)
+        PyMem_RawFree(self.f_head)
+        PyMem_RawFree(self.f_end)
+        PyMem_RawFree(self.f_prev)
+        PyMem_RawFree(self.f_state)
+        PyMem_RawFree(self.h_fifo)
+
+    def close(self):
+        self.d.base = NULL
+        self.mapped.release()
+
+    @property
+    def closed(self): return self.d.base == NULL
+    @property
+    def max_message(self): return self.win_size
+    @property
+    def in_flight(self): return self.f_w - self.f_r
+    @property
+    def bytes_in_flight(self): return self.pos_head - self.pos_tail
+    @property
+    def broken(self): return bool(self.d.broken)
+    @property
+    def avail_idx(self): return self.d.avail_idx
+    @property
+    def last_used_idx(self): return self.d.last_used_idx
+
+    cdef inline int _reclaim(self) noexcept nogil:
+        """Take back what the consumer completed; advance the allocation tail.
+        <0 if the consumer broke the used ring."""
+        cdef uint16_t head
+        cdef uint32_t ln, i
+        cdef uint64_t tok
+        cdef int rc
+        while True:
+            rc = vrd_get_buf(&self.d, &head, &ln, &tok)
+            if rc <= 0:
+                break
+            self.f_state[self.h_fifo[head] & self.d.mask] = F_DONE
+        while self.f_r != self.f_w:
+            i = self.f_r & self.d.mask
+            if self.f_state[i] == F_LIVE:
+                break
+            if self.f_state[i] == F_CANCELLED:
+                head = self.f_head[i]
+                self.d.link[head] = <uint16_t>self.d.free_head
+                self.d.free_head = head
+                self.d.num_free += 1
+            self.pos_tail = self.f_end[i]
+            self.f_r += 1
+        if self.f_r == self.f_w:
+            self.pos_head = self.pos_tail = 0      # empty: restart at the window start
+        return rc
+
+    cdef inline int _alloc(self, uint64_t size, uint64_t *off, uint16_t *head) noexcept nogil:
+        """Reserve `size` contiguous arena bytes and a descriptor.
+        0 = done, -ENOSPC = no room now, -EINVAL = used ring broken."""
+        cdef uint64_t asz = _align_up(size if size else 1, ALLOC_ALIGN)
+        cdef uint64_t p, o
+        cdef uint32_t i
+        if self._reclaim() < 0:
+            return -EINVAL
+        if self.d.num_free == 0:
+            return -ENOSPC
+        p = self.pos_head
+        o = p % self.win_size
+        if o + asz > self.win_size:
+            p += self.win_size - o                 # skip the window's tail end
+            o = 0
+        if p + asz - self.pos_tail > self.win_size:
+            return -ENOSPC
+        head[0] = vrd_take(&self.d)
+        i = self.f_w & self.d.mask
+        self.f_head[i] = head[0]
+        self.f_end[i] = p + asz
+        self.f_prev[i] = self.pos_head
+        self.f_state[i] = F_LIVE
+        self.h_fifo[head[0]] = self.f_w
+        self.f_w += 1
+        self.pos_head = p + asz
+        off[0] = self.win_off + o
+        return 0
+
+    cdef inline void _expose(self, uint16_t head, uint64_t off, uint32_t ln) noexcept nogil:
+        self.d.desc[head].addr = off
+        self.d.desc[head].len = ln
+        self.d.desc[head].flags = 0
+        self.d.desc[head].next = 0
+        self.d.ndesc[head] = 1
+        vrd_expose(&self.d, head, 0, 0)
+
+    cdef inline void _cancel(self, uint16_t head) noexcept nogil:
+        cdef uint32_t i = self.h_fifo[head] & self.d.mask
+        if self.h_fifo[head] + 1 == self.f_w:
+            # the newest allocation: roll it back entirely
+            self.pos_head = self.f_prev[i]
+            self.f_w -= 1
+            self.d.link[head] = <uint16_t>self.d.free_head
+            self.d.free_head = head
+            self.d.num_free += 1
+            if self.f_r == self.f_w:
+                self.pos_head = self.pos_tail = 0
+        else:
+            self.f_state[i] = F_CANCELLED
+
+    cdef inline void _kick(self) noexcept nogil:
+        if vrd_kick_prepare(&self.d):
+            _signal_fd(self.kick_fd)
+
+    cdef int _wait_space(self, int64_t deadline) except -1:
+        """1 = retry, 0 = timeout, 2 = consumer exited."""
+        return _wait_ring(&self.d, _drv_pending, _drv_arm, _drv_disarm, self.call_fd,
+                          self.peer_fd, deadline, self.spin_ns, self.check, 0.1)
+
+    cdef int _reserve(self, uint64_t size, bint block, object timeout, uint64_t *off,
+                      uint16_t *head) except -1:
+        cdef int rc
+        cdef int64_t deadline = -2
+        if self.d.base == NULL:
+            raise ValueError("channel is closed")
+        if size > self.win_size or size > 0xffffffffu:
+            raise MessageTooLarge(f"message of {size} bytes can never fit: the channel holds "
+                                  f"at most {self.win_size} bytes")
+        while True:
+            rc = self._alloc(size, off, head)
+            if rc == 0:
+                return 0
+            if rc == -EINVAL:
+                raise InvalidRing(EINVAL, _DRIVER_REASONS.get(self.d.err_reason, "ring broken")
+                                  .format(a=self.d.err_a, b=self.d.err_b), None)
+            if not block:
+                raise Full()
+            if deadline == -2:
+                deadline = _deadline(timeout)
+            rc = self._wait_space(deadline)
+            if rc == 0:
+                raise Full()
+            if rc == 2:
+                self._reclaim()
+                raise PeerDead("the consumer exited")
+
+    def send(self, data, bint block=True, timeout=None):
+        """Copy one message into the arena and publish it."""
+        cdef Py_buffer b
+        cdef uint64_t off
+        cdef uint16_t head
+        PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
+        try:
+            self._reserve(<uint64_t>b.len, block, timeout, &off, &head)
+            if b.len > 65536:
+                with nogil:
+                    memcpy(self.d.base + off, b.buf, b.len)
+            else:
+                memcpy(self.d.base + off, b.buf, b.len)
+        finally:
+            PyBuffer_Release(&b)
+        self._expose(head, off, <uint32_t>b.len)
+        vrd_publish(&self.d)
+        self._kick()
+
+    def send_many(self, messages, bint block=True, timeout=None):
+        """Send each message; one index publish and at most one kick per run of
+        messages that fit without waiting.  Returns the count sent."""
+        cdef Py_buffer b
+        cdef uint64_t off
+        cdef uint16_t head
+        cdef uint32_t n = 0
+        cdef int rc
+        for m in messages:
+            PyObject_GetBuffer(m, &b, PyBUF_SIMPLE)
+            try:
+                if <uint64_t>b.len > self.win_size:
+                    raise MessageTooLarge(f"message of {b.len} bytes can never fit: the channel "
+                                          f"holds at most {self.win_size} bytes")
+                rc = self._alloc(<uint64_t>b.len, &off, &head)
+                if rc != 0:
+                    # full: make what we have visible, then wait like send()
+                    vrd_publish(&self.d)
+                    self._kick()
+                    self._reserve(<uint64_t>b.len, block, timeout, &off, &head)
+                memcpy(self.d.base + off, b.buf, b.len)
+            finally:
+                PyBuffer_Release(&b)
+            self._expose(head, off, <uint32_t>b.len)
+            n += 1
+        vrd_publish(&self.d)
+        self._kick()
+        return n
+
+    def loan(self, Py_ssize_t size, bint block=True, timeout=None):
+        """Reserve `size` bytes of shared memory to write into; see Loan."""
+        cdef uint64_t off
+        cdef uint16_t head
+        if size < 0:
+            raise ValueError("size must be >= 0")
+        self._reserve(<uint64_t>size, block, timeout, &off, &head)
+        cdef Loan ln = Loan.__new__(Loan)
+        ln.tx = self
+        ln.head = head
+        ln.off = off
+        ln.size = size
+        self.n_loans += 1
+        self.mapped.pins += 1
+        return ln
+
+    cdef _commit(self, Loan ln, uint64_t nbytes):
+        self._expose(ln.head, ln.off, <uint32_t>nbytes)
+        vrd_publish(&self.d)
+        self._kick()
+
+    def reclaim(self):
+        """Take back completed messages now (normally done on demand)."""
+        if self.d.base != NULL and self._reclaim() < 0:
+            raise InvalidRing(EINVAL, _DRIVER_REASONS.get(self.d.err_reason, "ring broken")
+                              .format(a=self.d.err_a, b=self.d.err_b), None)
+        return self.f_w - self.f_r
+
+    def flush_kick(self):
+        """Signal the consumer unconditionally (used on close so a sleeping
+        consumer wakes up to notice)."""
+        vrd_publish(&self.d)
+        _signal_fd(self.kick_fd)
+
+
+cdef class Loan:
+    """Writable shared memory reserved by ChannelSender.loan().
+
+    Write into it (buffer protocol, or the memoryview `with` hands you), then
+    commit(n) publishes the first n bytes (default: all).  Leaving a `with`
+    block commits, or cancels if the block raised.  Committing while a buffer
+    export of the loan is alive raises BufferError: the bytes belong to the
+    consumer from that moment on."""
+    cdef ChannelSender tx
+    cdef uint16_t head
+    cdef uint64_t off
+    cdef uint64_t size
+    cdef int exports
+    cdef bint done
+    cdef object _mv
+
+    def __getbuffer__(self, Py_buffer *buf, int flags):
+        if self.done:
+            raise ValueError("loan already committed or cancelled")
+        PyBuffer_FillInfo(buf, self, self.tx.d.base + self.off, self.size, 0, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buf):
+        self.exports -= 1
+
+    def __len__(self):
+        return self.size
+
+    @property
+    def offset(self):
+        """Segment offset of the loaned bytes."""
+        return self.off
+
+    cdef _finish(self):
+        self.done = True
+        self.tx.n_loans -= 1
+        self.tx.mapped.unpin()
+
+    def commit(self, nbytes=None):
+        """Publish the first nbytes (default all) to the consumer."""
+        if self.done:
+            raise ValueError("loan already committed or cancelled")
+        if self._mv is not None:
+            self._mv.release()          # BufferError if someone still holds a view
+            self._mv = None
+        if self.exports:
+            raise BufferError(f"{self.exports} buffer export(s) of the loan are still alive; "
+                              "release them before committing")
+        cdef uint64_t n = self.size if nbytes is None else nbytes
+        if n > self.size:
+            raise ValueError(f"cannot commit {n} bytes of a {self.size}-byte loan")
+        if self.tx.d.base == NULL:
+            raise ValueError("channel is closed")
+        self.tx._commit(self, n)
+        self._finish()
+
+    def cancel(self):
+        """Give the reservation back without publishing anything."""
+        if self.done:
+            return
+        if self._mv is not None:
+            self._mv.release()
+            self._mv = None
+        if self.exports:
+            raise BufferError("buffer exports of the loan are still alive")
+        if self.tx.d.base != NULL:
+            self.tx._cancel(self.head)
+        self._finish()
+
+    def __enter__(self):
+        self._mv = memoryview(self)
+        return self._mv
+
+    def __exit__(self, et, ev, tb):
+        if self.done:
+            return False
+        if et is not None:
+            self.cancel()
+        else:
+            self.commit()
+        return False
+
+    def __dealloc__(self):
+        # A loan dropped without commit/cancel: cancel it (exports hold a
+        # reference to us, so there are none left here).
+        if not self.done and self.tx is not None:
+            if self.tx.d.base != NULL:
+                self.tx._cancel(self.head)
+            self.tx.n_loans -= 1
+            self.tx.mapped.unpin()
+            self.done = True
+
+
+cdef class ChannelReceiver:
+    """Consumer end of a Channel (hot path): a vringh host over the ring."""
+    cdef vrh_t h
+    cdef _Mapped mapped
+    cdef object __weakref__
+    cdef vr_iov riov
+    cdef public int kick_fd
+    cdef public int call_fd
+    cdef public int peer_fd        # pidfd of the producer, -1 if unknown
+    cdef public int64_t spin_ns
+    cdef public object check       # callable run while waiting (peer liveness); may raise
+    cdef public object on_empty    # callable when a wait ends because the peer is gone
+    cdef uint32_t n_views          # MessageViews not yet released
+    cdef vr_used_elem *batch       # [num] scratch completions
+
+    def __cinit__(self, buffer, uint32_t num, uint64_t desc_off, uint64_t avail_off,
+                  uint64_t used_off, uint64_t win_off, uint64_t win_size, *,
+                  uint64_t features=0, uint64_t max_msg=0xffffffff, uint32_t max_iov=1024,
+                  int kick_fd=-1, int call_fd=-1, spin_ns=DEFAULT_SPIN_NS):
+        self.mapped = _Mapped(buffer)
+        check_ring_geometry(self.mapped.size, num, desc_off, avail_off, used_off, win_off, win_size)
+        memset(&self.h, 0, sizeof(vrh_t))
+        self.h.base = self.mapped.base
+        self.h.num = num
+        self.h.mask = num - 1
+        self.h.desc = <vr_desc *>(self.mapped.base + desc_off)
+        self.h.avail = <vr_avail *>(self.mapped.base + avail_off)
+        self.h.used = <vr_used *>(self.mapped.base + used_off)
+        self.h.used_event = vr_used_event(self.h.avail, num)
+        self.h.avail_event = vr_avail_event(self.h.used, num)
+        self.h.arena_lo = win_off
+        self.h.arena_hi = win_off + win_size
+        self.h.event_idx = (features >> VR_F_EVENT_IDX) & 1
+        self.h.indirect = (features >> VR_F_INDIRECT_DESC) & 1
+        self.h.max_msg = max_msg
+        self.h.max_iov = max_iov
+        self.h.inflight = <uint8_t *>PyMem_RawCalloc(num, 1)
+        self.h.wcap = <uint32_t *>PyMem_RawCalloc(num, sizeof(uint32_t))
+        self.h.fetched = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
+        self.batch = <vr_used_elem *>PyMem_RawCalloc(num, sizeof(vr_used_elem))
+        if not (self.h.inflight and self.h.wcap and self.h.fetched and self.batch):
+            raise MemoryError()
+        cdef uint16_t base = vr_load_relaxed_u16(&self.h.used.idx)
+        self.h.last_avail_idx = self.h.shadow_avail_idx = self.h.last_used_idx = base
+        self.kick_fd = kick_fd
+        self.call_fd = call_fd
+        self.peer_fd = -1
+        self.spin_ns = spin_ns
+
+    def __dealloc__(self):
+        PyMem_RawFree(self.h.inflight)
+        PyMem_RawFree(self.h.wcap)
+        PyMem_RawFree(self.h.fetched)
+        PyMem_RawFree(self.batch)
+        PyMem_RawFree(self.riov.seg)
+
+    def close(self):
+        """Stop using the ring.  The mapping stays until the last MessageView
+        is released (views never dangle)."""
+        self.h.base = NULL
+        self.mapped.release()
+
+    @property
+    def closed(self): return self.h.base == NULL
+    @property
+    def views_outstanding(self): return self.n_views
+    @property
+    def broken(self): return bool(self.h.broken)
+    @property
+    def last_avail_idx(self): return self.h.last_avail_idx
+
+    def pending(self):
+        """True if a message is waiting (non-blocking, no side effects)."""
+        return self.h.base != NULL and vrh_avail_pending(&self.h)
+
+    def arm(self):
+        """Ask to be kicked on the next message (for select/poll/asyncio on
+        kick_fd).  True = still empty (safe to wait on the fd); False = a
+        message is already there."""
+        if self.h.base == NULL:
+            raise ValueError("channel is closed")
+        return vrh_notify_enable(&self.h)
+
+    cdef inline void _done(self, uint16_t head) noexcept nogil:
+        vrh_complete(&self.h, head, 0)
+        if vrh_need_notify(&self.h) == 1:
+            _signal_fd(self.call_fd)
+
+    cdef int _next(self, bint block, object timeout, uint16_t *head) except -1:
+        """Fetch the next chain into self.riov.  1 = got it, 0 = empty (only
+        when not blocking)."""
+        cdef int rc
+        cdef int64_t deadline = -2
+        if self.h.base == NULL:
+            raise ValueError("channel is closed")
+        while True:
+            rc = vrh_getdesc(&self.h, &self.riov, NULL, head)
+            if rc == 1:
+                return 1
+            if rc < 0:
+                err = _host_error(&self.h, rc, head[0])
+                if not self.h.err_ring:
+                    self._done(head[0])       # hand the bad chain back, keep going
+                raise err
+            if not block:
+                # arm before reporting empty, so select() on kick_fd works
+                if not vrh_notify_enable(&self.h):
+                    continue
+                return 0
+            if deadline == -2:
+                deadline = _deadline(timeout)
+            rc = _wait_ring(&self.h, _host_pending, _host_arm, _host_disarm, self.kick_fd,
+                            self.peer_fd, deadline, self.spin_ns, self.check, 0.1)
+            if rc == 0:
+                return 0
+            if rc == 2 and not vrh_avail_pending(&self.h):
+                if self.on_empty is not None:
+                    self.on_empty()
+                raise PeerDead("the producer exited")
+
+    def recv(self, bint block=True, timeout=None):
+        """The next message as bytes (copied out; its buffer returns to the
+        producer at once).  Raises Empty when there is none in time."""
+        cdef uint16_t head
+        if not self._next(block, timeout, &head):
+            raise Empty()
+        out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>self.riov.total)
+        cdef uint8_t *dst = <uint8_t *>PyBytes_AS_STRING(out)
+        if self.riov.total > 65536:
+            with nogil:
+                vrh_iov_pull(&self.riov, self.h.base, dst, self.riov.total)
+        else:
+            vrh_iov_pull(&self.riov, self.h.base, dst, self.riov.total)
+        self._done(head)
+        return out
+
+    def recv_into(self, buffer, bint block=True, timeout=None):
+        """Copy the next message into a writable buffer; returns its size.
+        A message larger than the buffer raises ValueError and stays queued."""
+        cdef uint16_t head
+        cdef Py_buffer b
+        if not self._next(block, timeout, &head):
+            raise Empty()
+        PyObject_GetBuffer(buffer, &b, PyBUF_WRITABLE)
+        try:
+            if <uint64_t>b.len < self.riov.total:
+                vrh_abandon(&self.h, 1)
+                raise ValueError(f"message of {self.riov.total} bytes does not fit a "
+                                 f"{b.len}-byte buffer")
+            with nogil:
+                vrh_iov_pull(&self.riov, self.h.base, <uint8_t *>b.buf, self.riov.total)
+        finally:
+            PyBuffer_Release(&b)
+        n = self.riov.total
+        self._done(head)
+        return n
+
+    def recv_view(self, bint block=True, timeout=None):
+        """The next message as a MessageView over shared memory (no copy)."""
+        cdef uint16_t head
+        if not self._next(block, timeout, &head):
+            raise Empty()
+        cdef MessageView v = MessageView.__new__(MessageView)
+        v.rx = self
+        v.head = head
+        if self.riov.used == 1:
+            v.ptr = self.h.base + self.riov.seg[0].off
+            v.length = self.riov.seg[0].len
+            v.offset = self.riov.seg[0].off
+        elif self.riov.used == 0:
+            v.ptr = self.h.base
+            v.length = 0
+            v.offset = 0
+        else:
+            # Not one of ours (our producer always sends one segment): gather
+            # into private memory so the view is still contiguous.
+            v.copy = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>self.riov.total)
+            vrh_iov_pull(&self.riov, self.h.base, <uint8_t *>PyBytes_AS_STRING(v.copy), self.riov.total)
+            v.ptr = <uint8_t *>PyBytes_AS_STRING(v.copy)
+            v.length = self.riov.total
+            v.offset = 0
+        self.n_views += 1
+        self.mapped.pins += 1
+        return v
+
+    def recv_many(self, Py_ssize_t max_messages=1 << 30, bint block=True, timeout=None):
+        """Wait for at least one message, then take up to max_messages that are
+        already there: one used-index update and one notification for all."""
+        cdef uint16_t head
+        cdef uint32_t n = 0, cap
+        cdef int rc
+        if max_messages < 1:
+            raise ValueError("max_messages must be >= 1")
+        if not self._next(block, timeout, &head):
+            raise Empty()
+        out = []
+        cap = self.h.num if <uint64_t>max_messages > self.h.num else <uint32_t>max_messages
+        while True:
+            data = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>self.riov.total)
+            vrh_iov_pull(&self.riov, self.h.base, <uint8_t *>PyBytes_AS_STRING(data), self.riov.total)
+            out.append(data)
+            self.batch[n].id = head
+            self.batch[n].len = 0
+            n += 1
+            if n >= cap:
+                break
+            rc = vrh_getdesc(&self.h, &self.riov, NULL, &head)
+            if rc != 1:
+                if rc < 0 and not self.h.err_ring:
+                    vrh_abandon(&self.h, 1)     # leave it for the next call to report
+                elif rc < 0:
+                    self.h.broken = False       # report on the next call, after delivering these
+                break
+        vrh_complete_multi(&self.h, self.batch, n)
+        if vrh_need_notify(&self.h) == 1:
+            _signal_fd(self.call_fd)
+        return out
+
+    cdef _release_view(self, MessageView v):
+        self.n_views -= 1
+        if self.h.base != NULL:
+            self._done(v.head)
+        self.mapped.unpin()
+
+
+cdef class MessageView:
+    """A received message in shared memory, read-only, no copy.
+
+    Supports the buffer protocol (memoryview(v), bytes(v), numpy.frombuffer(v)).
+    Its buffer goes back to the producer when you call release() (or leave a
+    `with` block) AND no memoryview / array made from it is alive any more; if
+    you simply drop every reference, that happens when it is garbage-collected.
+    Until then later traffic can never overwrite it."""
+    cdef ChannelReceiver rx
+    cdef uint16_t head
+    cdef uint8_t *ptr
+    cdef uint64_t length
+    cdef uint64_t offset
+    cdef int exports
+    cdef bint release_requested
+    cdef bint released
+    cdef object copy
+
+    def __getbuffer__(self, Py_buffer *buf, int flags):
+        if self.released:
+            raise ValueError("message view already released")
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("a received message is read-only")
+        PyBuffer_FillInfo(buf, self, self.ptr, self.length, 1, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buf):
+        self.exports -= 1
+        if self.release_requested and self.exports == 0 and not self.released:
+            self._give_back()
+
+    cdef _give_back(self):
+        self.released = True
+        self.rx._release_view(self)
+
+    def release(self):
+        """Give the buffer back now, or as soon as the last export of it goes."""
+        self.release_requested = True
+        if self.exports == 0 and not self.released:
+            self._give_back()
+
+    @property
+    def released(self):
+        return self.released
+
+    @property
+    def exports(self):
+        """Live buffer exports (memoryviews, arrays) of this message."""
+        return self.exports
+
+    @property
+    def offset(self):
+        """Segment offset of the message (0 if it had to be gathered)."""
+        return self.offset
+
+    def __len__(self):
+        return self.length
+
+    def tobytes(self):
+        if self.released:
+            raise ValueError("message view already released")
+        return PyBytes_FromStringAndSize(<char *>self.ptr, <Py_ssize_t>self.length)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+    def __dealloc__(self):
+        if not self.released and self.rx is not None:
+            self.released = True
+            self.rx._release_view(self)
+
+    def __repr__(self):
+        state = "released" if self.released else f"{self.exports} exports"
+        return f"<MessageView {self.length} bytes at {self.offset:#x}, {state}>"
