@@ -530,6 +530,22 @@ cdef class ChannelReceiver:
                     self.on_empty()
                 raise PeerDead("the producer exited")
 
+    def wait(self, timeout=None):
+        """Wait until a message is there (True) or timeout (False) without
+        taking it.  Raises PeerDead / ChannelClosed like recv."""
+        cdef int rc
+        if self.h.base == NULL:
+            raise ValueError("channel is closed")
+        if vrh_avail_pending(&self.h):
+            return True
+        rc = _wait_ring(&self.h, _host_pending, _host_arm, _host_disarm, self.kick_fd,
+                        self.peer_fd, _deadline(timeout), self.spin_ns, self.check, 0.1)
+        if rc == 2 and not vrh_avail_pending(&self.h):
+            if self.on_empty is not None:
+                self.on_empty()
+            raise PeerDead("the producer exited")
+        return rc != 0
+
     def recv(self, bint block=True, timeout=None):
         """The next message as bytes (copied out; its buffer returns to the
         producer at once).  Raises Empty when there is none in time."""

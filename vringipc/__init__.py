@@ -9,7 +9,9 @@ from vringipc._ring import (
     VringHost,
     need_event,
 )
+from vringipc.channel import Channel
 from vringipc.errors import (
+    ChannelClosed,
     Empty,
     Full,
     InvalidDescriptor,
@@ -23,6 +25,8 @@ from vringipc.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Channel",
+    "ChannelClosed",
     "FEATURE_EVENT_IDX",
     "FEATURE_INDIRECT_DESC",
     "FEATURE_VERSION_1",

@@ -23,6 +23,7 @@ __all__ = [
     "InvalidRing",
     "InvalidDescriptor",
     "PeerDead",
+    "ChannelClosed",
     "MessageTooLarge",
     "Full",
     "Empty",
@@ -54,6 +55,10 @@ class InvalidDescriptor(RingCorrupted):
 
 class PeerDead(VringError, ConnectionError):
     """The process on the other side of the ring has exited."""
+
+
+class ChannelClosed(VringError, EOFError):
+    """The other end closed the channel cleanly and nothing is left to read."""
 
 
 class MessageTooLarge(VringError, ValueError):

@@ -197,10 +197,16 @@ class Segment:
         return self._mmap is None
 
     def close(self) -> None:
-        """Unmap this handle.  Fails with BufferError while ring objects or views
-        still export the mapping: release them first."""
+        """Unmap this handle.  If views of it are still alive the unmapping is
+        left to the last of them, so no view ever dangles."""
         if self._mmap is not None:
-            self._mmap.close()
+            try:
+                self._mmap.close()
+            except BufferError:
+                # Views of the segment are still alive somewhere (a message
+                # view, a NumPy array): leave the mapping to them; it is
+                # unmapped when the last one goes.
+                pass
             self._mmap = None
         if self._fd >= 0:
             os.close(self._fd)

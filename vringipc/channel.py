@@ -1,0 +1,332 @@
+"""Channel: one producer, one consumer, raw bytes, zero-copy both ways.
+
+::
+
+    ch = vringipc.Channel(capacity=64 << 20)        # 64 MiB arena
+    # producer process
+    ch.send(b"bytes")                               # one copy, into shared memory
+    with ch.loan(frame.nbytes) as buf:              # no copy: write in place
+        np.copyto(np.frombuffer(buf, frame.dtype).reshape(frame.shape), frame)
+    # consumer process
+    data = ch.recv()                                # bytes (a copy, safe to keep)
+    with ch.recv_view() as msg:                     # MessageView into shared memory
+        arr = np.frombuffer(msg, np.uint8)          # read-only, no copy
+
+The first process to call a send method becomes the producer, the first to
+call a receive method the consumer; a second live producer (or consumer) is
+refused.  Each message is one contiguous allocation in the arena and one
+virtio descriptor.  Blocking calls take ``timeout`` (seconds, None = forever),
+spin briefly and then sleep on an eventfd; when the peer process dies they
+raise PeerDead instead of waiting forever, and after the producer's clean
+``close()`` the consumer gets ChannelClosed (an EOFError) once it has read
+everything.
+
+A Channel reaches other processes by fork (inherited), as a
+multiprocessing.Process argument under spawn/forkserver (pickled with its fds),
+or, with ``backend="shm"``, by name from an unrelated process (see
+vringipc.connect for passing the eventfds over a Unix socket).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+from vringipc import layout as L
+from vringipc import peers
+from vringipc._ring import ChannelReceiver, ChannelSender
+from vringipc.errors import ChannelClosed, Empty, PeerDead, VringError
+from vringipc.ring import SharedRing
+
+__all__ = ["Channel"]
+
+DEFAULT_CAPACITY = 4 << 20
+DEFAULT_NUM = 256
+
+_live_channels: "weakref.WeakSet[Channel]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for ch in list(_live_channels):
+        ch._forget_roles()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Channel:
+    """A one-way, single-producer single-consumer message channel over a split
+    ring in shared memory.  See the module docstring."""
+
+    _ring: SharedRing | None = None
+    _BOUND = ("send", "send_many", "recv", "recv_view", "recv_many", "recv_into")
+    _tx: ChannelSender | None = None
+    _rx: ChannelReceiver | None = None
+    _closed = False
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, *, num: int = DEFAULT_NUM,
+                 backend: str = "memfd", name: str | None = None, mode: int = 0o600,
+                 spin: float = 50e-6, _ring: SharedRing | None = None):
+        if _ring is None:
+            if capacity < 64:
+                raise ValueError("capacity must be at least 64 bytes")
+            _ring = SharedRing.create(num=num, arena_size=capacity, indirect=False,
+                                      max_msg=min(L.align_up(capacity, 64), 0xFFFFFFFF),
+                                      backend=backend, name=name, mode=mode,
+                                      app_kind=L.APP_CHANNEL)
+        elif _ring.layout.app_kind != L.APP_CHANNEL:
+            _ring.close()
+            raise ValueError("segment is not a vringipc Channel")
+        self._ring = _ring
+        self._spin_ns = int(spin * 1e9)
+        self._pidfd = -1
+        _live_channels.add(self)
+
+    # --- identity -------------------------------------------------------------
+    @property
+    def name(self) -> str | None:
+        """The segment name (shm backend), for Channel.attach()."""
+        return self._ring.name if self._ring else None
+
+    @property
+    def capacity(self) -> int:
+        """Arena bytes: the largest message, and the most that can be in flight."""
+        return self._ring.layout.rings[0].win_size
+
+    @classmethod
+    def attach(cls, name: str, kick_fd: int = -1, call_fd: int = -1) -> "Channel":
+        """Open a channel created with backend="shm" by name, e.g. from an
+        unrelated process.  Without the eventfds both ends poll (spin + yield)
+        instead of sleeping; vringipc.connect passes them over a socket."""
+        ring = SharedRing.attach(name, [kick_fd], [call_fd])
+        ring._owns_fds = kick_fd >= 0
+        return cls(_ring=ring)
+
+    # --- roles ------------------------------------------------------------------
+    def _claim(self, block_off: int, what: str) -> None:
+        words = self._ring.words
+        me, _ = peers.Identity.me()
+        for _ in range(100):
+            pid, start, state = peers.read_peer(words, block_off)
+            if pid == me:
+                break
+            if pid and state == L.PEER_ATTACHED and peers.alive(pid, start):
+                raise VringError(f"this channel already has a live {what} (pid {pid}); a "
+                                 f"Channel is single-producer single-consumer: use Queue for more")
+            if words.cas32(block_off + L.PEER_PID, pid, me):
+                break
+        peers.claim(words, block_off)
+
+    def _sender(self) -> ChannelSender:
+        if self._tx is None:
+            self._check_open()
+            self._claim(L.DRIVER_LIVENESS_OFF, "producer")
+            r = self._ring.layout.rings[0]
+            self._tx = ChannelSender(self._ring.segment.buf, *r.ring_args(),
+                                     features=self._ring.layout.features,
+                                     kick_fd=self._ring.kick_fds[0],
+                                     call_fd=self._ring.call_fds[0], spin_ns=self._spin_ns)
+            self._tx.check = self._check_consumer
+            # Hot path: from now on ch.send / ch.send_many are the Cython
+            # methods themselves (no Python frame in between).
+            self.send = self._tx.send
+            self.send_many = self._tx.send_many
+        return self._tx
+
+    def _receiver(self) -> ChannelReceiver:
+        if self._rx is None:
+            self._check_open()
+            self._claim(L.DEVICE_LIVENESS_OFF, "consumer")
+            r = self._ring.layout.rings[0]
+            self._rx = ChannelReceiver(self._ring.segment.buf, *r.ring_args(),
+                                       features=self._ring.layout.features,
+                                       max_msg=self._ring.layout.max_msg, max_iov=r.max_iov,
+                                       kick_fd=self._ring.kick_fds[0],
+                                       call_fd=self._ring.call_fds[0], spin_ns=self._spin_ns)
+            self._rx.check = self._check_producer
+            self._rx.on_empty = self._producer_gone
+            self.recv = self._rx.recv
+            self.recv_view = self._rx.recv_view
+            self.recv_many = self._rx.recv_many
+            self.recv_into = self._rx.recv_into
+        return self._rx
+
+    def _forget_roles(self) -> None:
+        # In a forked child: the parent's private ring state is not ours.
+        self._tx = None
+        self._rx = None
+        for attr in self._BOUND:
+            self.__dict__.pop(attr, None)
+        if self._pidfd >= 0:
+            try:
+                os.close(self._pidfd)
+            except OSError:
+                pass
+            self._pidfd = -1
+
+    def _watch(self, side, block_off: int) -> None:
+        """Open a pidfd on the peer once it has attached, so waits wake on its exit."""
+        if side.peer_fd >= 0:
+            return
+        pid, start, state = peers.read_peer(self._ring.words, block_off)
+        if pid and state == L.PEER_ATTACHED:
+            self._pidfd = peers.open_pidfd(pid, start)
+            if self._pidfd >= 0:
+                side.peer_fd = self._pidfd
+
+    def _check_consumer(self) -> None:
+        pid, start, state = peers.read_peer(self._ring.words, L.DEVICE_LIVENESS_OFF)
+        if pid and state == L.PEER_CLOSED:
+            raise ChannelClosed("the consumer closed the channel")
+        if pid and not peers.alive(pid, start):
+            raise PeerDead(f"the consumer (pid {pid}) exited")
+        self._watch(self._tx, L.DEVICE_LIVENESS_OFF)
+
+    def _check_producer(self) -> None:
+        pid, start, state = peers.read_peer(self._ring.words, L.DRIVER_LIVENESS_OFF)
+        if self._rx.pending():
+            return
+        if pid and state == L.PEER_CLOSED:
+            raise ChannelClosed("the producer closed the channel")
+        if pid and not peers.alive(pid, start):
+            raise PeerDead(f"the producer (pid {pid}) exited")
+        self._watch(self._rx, L.DRIVER_LIVENESS_OFF)
+
+    def _producer_gone(self) -> None:
+        pid, start, state = peers.read_peer(self._ring.words, L.DRIVER_LIVENESS_OFF)
+        if state == L.PEER_CLOSED:
+            raise ChannelClosed("the producer closed the channel")
+
+    def _check_open(self) -> None:
+        if self._closed or self._ring is None:
+            raise ValueError("channel is closed")
+
+    # --- producer API -------------------------------------------------------------
+    def send(self, data, block: bool = True, timeout: float | None = None) -> None:
+        """Copy a bytes-like message into shared memory and publish it.  Blocks
+        while the arena or ring is full; raises Full on timeout or when not
+        blocking, MessageTooLarge if it can never fit."""
+        self._sender().send(data, block, timeout)
+
+    def send_nowait(self, data) -> None:
+        self.send(data, False)
+
+    def send_many(self, messages, block: bool = True, timeout: float | None = None) -> int:
+        """Send an iterable of messages with one notification per batch."""
+        return self._sender().send_many(messages, block, timeout)
+
+    def loan(self, size: int, block: bool = True, timeout: float | None = None):
+        """Reserve `size` bytes of shared memory to fill in place (no copy).
+
+        ``with ch.loan(n) as buf:`` gives a writable memoryview and publishes it
+        when the block ends (cancels it if the block raises).  Or keep the Loan
+        and call ``commit(nbytes)`` / ``cancel()``.  Views of the loan must be
+        released before it is committed (BufferError otherwise)."""
+        tx = self._sender()
+        self._watch(tx, L.DEVICE_LIVENESS_OFF)
+        return tx.loan(size, block, timeout)
+
+    # --- consumer API ---------------------------------------------------------------
+    def recv(self, block: bool = True, timeout: float | None = None) -> bytes:
+        """The next message as bytes.  Raises Empty on timeout / when not
+        blocking, PeerDead if the producer died, ChannelClosed after it closed."""
+        return self._receiver().recv(block, timeout)
+
+    def recv_nowait(self) -> bytes:
+        return self.recv(False)
+
+    def recv_into(self, buffer, block: bool = True, timeout: float | None = None) -> int:
+        """Copy the next message into `buffer`; returns its length."""
+        return self._receiver().recv_into(buffer, block, timeout)
+
+    def recv_view(self, block: bool = True, timeout: float | None = None):
+        """The next message as a read-only MessageView of shared memory (no
+        copy).  Its buffer returns to the producer after ``release()`` (or the
+        end of a ``with`` block) once no memoryview/array of it is alive, or when
+        it is garbage-collected.  Later traffic never overwrites it."""
+        return self._receiver().recv_view(block, timeout)
+
+    def recv_many(self, max_messages: int = 1 << 30, block: bool = True,
+                  timeout: float | None = None) -> list[bytes]:
+        """Wait for one message, then take every message already there (up to
+        max_messages), with one notification for all."""
+        return self._receiver().recv_many(max_messages, block, timeout)
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        """True if a message can be received now (waiting up to `timeout`)."""
+        rx = self._receiver()
+        if rx.pending():
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        return rx.wait(timeout)
+
+    def fileno(self) -> int:
+        """The consumer's eventfd, for select/poll/asyncio.  It becomes readable
+        after a receive call found nothing (which arms it): the pattern is
+        ``try: ch.recv_nowait() except Empty: wait for fileno()``."""
+        rx = self._receiver()
+        if self._ring.kick_fds[0] < 0:
+            raise ValueError("channel attached without eventfds: nothing to select on")
+        rx.arm()
+        return self._ring.kick_fds[0]
+
+    @property
+    def views_outstanding(self) -> int:
+        """MessageViews handed out and not yet given back (diagnostics)."""
+        return self._rx.views_outstanding if self._rx is not None else 0
+
+    # --- lifecycle ----------------------------------------------------------------
+    def close(self) -> None:
+        """Close this process's end.  A producer's close wakes the consumer,
+        which raises ChannelClosed once it has read everything.  The creator of
+        a named (shm) segment also unlinks the name.  Idempotent."""
+        if self._closed or self._ring is None:
+            return
+        self._closed = True
+        words = self._ring.words
+        for attr in self._BOUND:
+            self.__dict__.pop(attr, None)
+        if self._tx is not None:
+            peers.release(words, L.DRIVER_LIVENESS_OFF)
+            self._tx.flush_kick()
+            self._tx.close()
+        if self._rx is not None:
+            peers.release(words, L.DEVICE_LIVENESS_OFF)
+            if self._ring.call_fds[0] >= 0:
+                os.eventfd_write(self._ring.call_fds[0], 1)
+            self._rx.close()
+        owner = self._ring.segment.owner
+        self._ring.close()
+        if owner:
+            self._ring.unlink()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        _live_channels.discard(self)
+
+    def __enter__(self) -> "Channel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            if not self._closed and self._ring is not None:
+                self.close()
+        except Exception:
+            pass
+
+    def __reduce__(self):
+        # multiprocessing start (spawn/forkserver): SharedRing pickles the fds.
+        return (_rebuild_channel, (self._ring, self._spin_ns / 1e9))
+
+    def __repr__(self) -> str:
+        role = "producer" if self._tx is not None else "consumer" if self._rx is not None else "unbound"
+        state = "closed" if self._closed else f"{self.capacity} bytes"
+        return f"<vringipc.Channel {self.name or 'memfd'} {state} {role}>"
+
+
+def _rebuild_channel(ring: SharedRing, spin: float) -> Channel:
+    return Channel(_ring=ring, spin=spin)
