@@ -1140,6 +1140,7 @@ cdef class SharedWords:
 
 
 include "_channel.pxi"
+include "_queue.pxi"
 
 
 def need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old):

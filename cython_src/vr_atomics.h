@@ -74,6 +74,11 @@ static inline int vr_cas_u32(volatile uint32_t *p, uint32_t expected, uint32_t d
     return __atomic_compare_exchange_n(p, &expected, desired, 0,
                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
+static inline int vr_cas_u64(volatile uint64_t *p, uint64_t expected, uint64_t desired)
+{
+    return __atomic_compare_exchange_n(p, &expected, desired, 0,
+                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
 static inline uint32_t vr_fetch_add_u32(volatile uint32_t *p, uint32_t v)
 { return __atomic_fetch_add(p, v, __ATOMIC_ACQ_REL); }
 static inline uint64_t vr_fetch_add_u64(volatile uint64_t *p, uint64_t v)

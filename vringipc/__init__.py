@@ -10,6 +10,7 @@ from vringipc._ring import (
     need_event,
 )
 from vringipc.channel import Channel
+from vringipc.queue import JoinableQueue, Queue, SimpleQueue
 from vringipc.errors import (
     ChannelClosed,
     Empty,
@@ -27,6 +28,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Channel",
     "ChannelClosed",
+    "Queue",
+    "SimpleQueue",
+    "JoinableQueue",
     "FEATURE_EVENT_IDX",
     "FEATURE_INDIRECT_DESC",
     "FEATURE_VERSION_1",
