@@ -37,12 +37,28 @@ cdef extern from "<signal.h>" nogil:
 cdef extern from *:
     """
     #include <time.h>
+    #include <pthread.h>
+    #include <unistd.h>
+    #include <sys/syscall.h>
     static inline void vr_sleep_ns(long ns) {
         struct timespec ts = { ns / 1000000000L, ns % 1000000000L };
         nanosleep(&ts, NULL);
     }
+    /* The calling thread's id, cached per thread (gettid is a syscall); the
+     * cache is dropped in a forked child, whose thread has a new id. */
+    static __thread uint32_t vr_tid_cache;
+    static void vr_tid_forget(void) { vr_tid_cache = 0; }
+    static inline uint32_t vr_gettid(void) {
+        if (!vr_tid_cache) vr_tid_cache = (uint32_t)syscall(SYS_gettid);
+        return vr_tid_cache;
+    }
+    static int vr_tid_init(void) { return pthread_atfork(NULL, NULL, vr_tid_forget); }
     """
     void vr_sleep_ns(long ns) nogil
+    uint32_t vr_gettid() nogil
+    int vr_tid_init()
+
+vr_tid_init()
 
 # Queue control block, in the header's application area (documented in
 # vringipc/layout.py, checked against QUEUE_OFFSETS by tests/test_layout.py).
@@ -72,7 +88,7 @@ cdef enum:
 cdef uint64_t POS_MASK = (1ULL << 48) - 1
 
 cdef inline uint32_t _gettid() noexcept nogil:
-    return <uint32_t>syscall(SYS_gettid)
+    return vr_gettid()
 
 cdef inline bint _tid_dead(uint32_t tid) noexcept nogil:
     # kill(tid, 0) addresses any live thread id; ESRCH = gone.
@@ -455,6 +471,22 @@ cdef class QueueCore:
             PyMem_RawFree(srcs)
             PyMem_RawFree(lens)
 
+    def put_obj(self, main, list bufs, bint custom=False, bint block=True, timeout=None):
+        """put_parts for a serialized object: writes the message header
+        (u32 nbufs, u32 custom, u64 len(main), u64 len(buf) each) itself."""
+        cdef Py_ssize_t nb = len(bufs) if bufs is not None else 0
+        cdef Py_ssize_t i
+        meta = PyBytes_FromStringAndSize(NULL, 16 + 8 * nb)
+        cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(meta)
+        (<uint32_t *>p)[0] = <uint32_t>nb
+        (<uint32_t *>p)[1] = 1 if custom else 0
+        (<uint64_t *>(p + 8))[0] = len(main)
+        for i in range(nb):
+            (<uint64_t *>(p + 16))[i] = bufs[i].nbytes
+        if nb:
+            return self.put_parts([meta, main] + bufs, block, timeout)
+        return self.put_parts([meta, main], block, timeout)
+
     # --- consumer ------------------------------------------------------------------
     cdef int _get_begin(self, uint32_t me) noexcept nogil:
         """Take the consumer lock and look at the next message (walk it into
@@ -514,6 +546,8 @@ cdef class QueueCore:
         cdef uint32_t slot
         cdef bytearray out
         cdef uint8_t *dst
+        cdef const uint8_t *src
+        cdef uint64_t mlen
         cdef HeldMessage hm
         cdef bint slept = False
         while True:
@@ -536,6 +570,18 @@ cdef class QueueCore:
                     with nogil:
                         self._get_commit(me, head)
                     return hm
+                # Fast path: a plain pickle with no out-of-band buffers comes
+                # back as the pickle bytes alone (one copy, no header parsing).
+                if self.riov.used == 1 and n >= 64 + 16:
+                    src = self.base + self.riov.seg[0].off
+                    mlen = (<uint64_t *>(src + 8))[0]
+                    if (<uint32_t *>src)[0] == 0 and (<uint32_t *>src)[1] == 0 and mlen <= n - 64:
+                        try:
+                            fast = PyBytes_FromStringAndSize(<char *>(src + 64), <Py_ssize_t>mlen)
+                        finally:
+                            with nogil:
+                                self._get_commit(0, head)
+                        return fast
                 try:
                     out = bytearray(n)
                 except BaseException:

@@ -65,6 +65,18 @@ PEER_ENTRY = 16                        # u32 pid, u32 flags, u64 start time
 MAX_PEERS = (L.HDR_SIZE - PEERS_OFF) // PEER_ENTRY
 
 
+_dumps = pickle.dumps
+_loads = pickle.loads
+_pid = [os.getpid()]          # this process's pid without a syscall per call
+
+
+def _reset_pid() -> None:
+    _pid[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_reset_pid)
+
+
 def _align(x: int) -> int:
     return (x + _ALIGN - 1) & ~(_ALIGN - 1)
 
@@ -169,20 +181,9 @@ class Queue:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
 
-    def _serialize(self, obj) -> list:
-        if self._dumps is not None:
-            data = self._dumps(obj)
-            return [_META.pack(0, 1, len(data)), data]
-        bufs: list = []
-        main = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
-        if not bufs:
-            return [_META.pack(0, 0, len(main)), main]
-        raws = [b.raw() for b in bufs]
-        meta = _META.pack(len(raws), 0, len(main)) + struct.pack(f"<{len(raws)}Q",
-                                                                *(r.nbytes for r in raws))
-        return [meta, main, *raws]
-
     def _deserialize(self, msg):
+        if type(msg) is bytes:                # the core's fast path: a plain pickle
+            return pickle.loads(msg)
         mv = memoryview(msg)
         nbufs, custom, main_len = _META.unpack_from(mv, 0)
         meta_len = _META.size + 8 * nbufs
@@ -206,27 +207,39 @@ class Queue:
 
     def put(self, obj, block: bool = True, timeout: float | None = None) -> None:
         """Put obj into the queue (see multiprocessing.Queue.put)."""
-        self._check_closed()
-        parts = self._serialize(obj)          # serialize before taking any lock
-        if self._registered_pid != os.getpid():
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        if self._registered_pid != _pid[0]:
             self._register()
-        if self._joinable:
-            self._core.task_add(1)
-            try:
-                self._core.put_parts(parts, block, timeout)
-            except BaseException:
-                self._core.task_add(-1)
-                raise
+        # Serialize before taking any lock (as the stdlib does).
+        if self._dumps is None:
+            bufs: list = []
+            main = _dumps(obj, 5, buffer_callback=bufs.append)
+            if bufs:
+                bufs = [b.raw() for b in bufs]
+            custom = False
         else:
-            self._core.put_parts(parts, block, timeout)
+            main, bufs, custom = self._dumps(obj), None, True
+        if not self._joinable:
+            self._core.put_obj(main, bufs, custom, block, timeout)
+            return
+        self._core.task_add(1)
+        try:
+            self._core.put_obj(main, bufs, custom, block, timeout)
+        except BaseException:
+            self._core.task_add(-1)
+            raise
 
     def get(self, block: bool = True, timeout: float | None = None):
         """Remove and return an item (see multiprocessing.Queue.get)."""
-        self._check_closed()
-        if self._registered_pid != os.getpid():
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        if self._registered_pid != _pid[0]:
             self._register()
         msg = self._core.get_raw(block, timeout)
-        return self._deserialize(msg)         # unserialize after releasing the lock
+        if type(msg) is bytes:                # unserialize after releasing the lock
+            return _loads(msg)
+        return self._deserialize(msg)
 
     def get_nocopy(self, block: bool = True, timeout: float | None = None):
         """Like get(), but out-of-band buffers (NumPy arrays, PickleBuffers) are
