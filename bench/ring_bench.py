@@ -64,6 +64,7 @@ BUSY_SPIN = 30.0       # seconds: "never sleeps" for the duration of a run
 TARGET_TPUT = 3e6
 TARGET_BUSY_P50_NS = 2000
 TARGET_BLOCK_RATIO = 1.2
+QUIET_CPUS = 0.25      # a round is "quiet" if other processes used less than this
 
 
 # =============================================================================
@@ -585,6 +586,29 @@ def compute_ratios(res):
     return out
 
 
+def compute_quiet(res):
+    """Medians (and paired ratios) over the rounds in which other processes
+    used less than QUIET_CPUS: what the figures look like on an idle machine."""
+    out = {}
+    for sec in ("throughput", "latency"):
+        loads = res["others_cpus_per_round"].get(sec)
+        figs = res[sec]
+        if not loads or not figs:
+            continue
+        idx = [i for i, x in enumerate(loads) if x < QUIET_CPUS]
+        scale, get = (1e6, lambda f: f["runs"]) if sec == "throughput" else \
+            (1e3, lambda f: f["p50"]["runs"])
+        q = {"rounds": idx, "figures": {}, "ratios": {}}
+        if idx:
+            for key, f in figs.items():
+                q["figures"][key] = float(np.median([get(f)[i] for i in idx])) / scale
+            for key, r in res["ratios"].items():
+                if key in figs:
+                    q["ratios"][key] = float(np.median([r["ratio"]["runs"][i] for i in idx]))
+        out[sec] = q
+    return out
+
+
 def build_table(res) -> str:
     """The human-readable summary (also stored in the JSON)."""
     L = []
@@ -632,6 +656,23 @@ def build_table(res) -> str:
                  f"busy on average (of {load['ncpu']}); steal {load['steal_cpus']:.2f} CPUs")
         for sec, v in res.get("others_cpus_per_round", {}).items():
             L.append(f"  per {sec} round: " + " ".join(f"{x:.2f}" for x in v))
+        L.append("")
+    quiet = res.get("quiet_rounds")
+    if quiet:
+        L.append(f"Quiet rounds only (other processes < {QUIET_CPUS} CPUs during the round), "
+                 "median of those rounds:")
+        for sec in ("throughput", "latency"):
+            q = quiet.get(sec)
+            if not q:
+                continue
+            if not q["rounds"]:
+                L.append(f"  {sec}: no quiet round")
+                continue
+            unit = "Mtransfers/s" if sec == "throughput" else "p50 us"
+            L.append(f"  {sec}, round(s) {', '.join(str(r + 1) for r in q['rounds'])}: "
+                     f"{unit}, ratio to the same baseline as above")
+            for k, v in q["figures"].items():
+                L.append(f"    {k:30s} {v:8.2f}" + (f"   {q['ratios'][k]:6.2f}x" if k in q["ratios"] else ""))
         L.append("")
     L.append("Issue 2 targets:")
     for t in res["targets"]:
@@ -804,6 +845,7 @@ def main(argv=None):
     res["elapsed_s"] = round(time.monotonic() - t_start, 1)
     res["cpu_load"] = U.cpu_load(load0, U.cpu_snapshot())
     res["ratios"] = compute_ratios(res)
+    res["quiet_rounds"] = compute_quiet(res)
     res["targets"] = evaluate_targets(res)
     table = build_table(res)
     res["table"] = table
