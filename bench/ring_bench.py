@@ -737,7 +737,7 @@ def main(argv=None):
     ap.add_argument("--num", type=int, default=256,
                     help="ring size of the one-at-a-time and EVENT_IDX-off figures (default 256)")
     ap.add_argument("--lat-samples", type=int,
-                    help="round trips per busy-poll latency run (default 100000; blocking: 1/5)")
+                    help="round trips per busy-poll latency run (default 50000; blocking: 1/5)")
     ap.add_argument("--verify", choices=["sample", "all"], default="sample",
                     help="batch consumer: check first/last seq of every batch and all of every "
                          "8th batch (sample, default) or all of every batch")
@@ -750,7 +750,7 @@ def main(argv=None):
     single_total = max(total // 4, 10_000)
     pipe1_total = max(total // 8, 10_000)
     nums = [int(x) for x in (a.nums or ("256" if q else "256,1024,4096")).split(",")]
-    lat_samples = a.lat_samples or (5000 if q else 100_000)
+    lat_samples = a.lat_samples or (5000 if q else 50_000)
     lat_block = max(lat_samples // 5, 1000)
     warmup = max(lat_samples // 10, 500)
     every = 1 if a.verify == "all" else 8
