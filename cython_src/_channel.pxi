@@ -20,6 +20,13 @@ cdef enum:
     F_CANCELLED = 2           # loan cancelled: head freed when the entry is popped
 
 
+cdef inline void _drain_fd(int fd) noexcept nogil:
+    # Non-blocking read of an (O_NONBLOCK) eventfd: clears a stale wake-up.
+    cdef uint64_t buf
+    if fd >= 0:
+        read(fd, &buf, 8)
+
+
 cdef inline uint64_t _align_up(uint64_t x, uint64_t a) noexcept nogil:
     return (x + a - 1) & ~(a - 1)
 
@@ -227,12 +234,16 @@ cdef class ChannelSender:
                 raise Full()
             if deadline == -2:
                 deadline = _deadline(timeout)
+            old_peer = self.peer_fd
             rc = self._wait_space(deadline)
             if rc == 0:
                 raise Full()
             if rc == 2:
                 self._reclaim()
-                raise PeerDead("the consumer exited")
+                if self.check is not None:
+                    self.check()          # raises if the consumer is really gone
+                if self.peer_fd == old_peer:
+                    raise PeerDead("the consumer exited")
 
     def send(self, data, bint block=True, timeout=None):
         """Copy one message into the arena and publish it."""
@@ -261,25 +272,31 @@ cdef class ChannelSender:
         cdef uint16_t head
         cdef uint32_t n = 0
         cdef int rc
-        for m in messages:
-            PyObject_GetBuffer(m, &b, PyBUF_SIMPLE)
-            try:
-                if <uint64_t>b.len > self.win_size:
-                    raise MessageTooLarge(f"message of {b.len} bytes can never fit: the channel "
-                                          f"holds at most {self.win_size} bytes")
-                rc = self._alloc(<uint64_t>b.len, &off, &head)
-                if rc != 0:
-                    # full: make what we have visible, then wait like send()
-                    vrd_publish(&self.d)
-                    self._kick()
-                    self._reserve(<uint64_t>b.len, block, timeout, &off, &head)
-                memcpy(self.d.base + off, b.buf, b.len)
-            finally:
-                PyBuffer_Release(&b)
-            self._expose(head, off, <uint32_t>b.len)
-            n += 1
-        vrd_publish(&self.d)
-        self._kick()
+        if self.d.base == NULL:
+            raise ValueError("channel is closed")
+        try:
+            for m in messages:
+                PyObject_GetBuffer(m, &b, PyBUF_SIMPLE)
+                try:
+                    if <uint64_t>b.len > self.win_size:
+                        raise MessageTooLarge(f"message of {b.len} bytes can never fit: the "
+                                              f"channel holds at most {self.win_size} bytes")
+                    rc = self._alloc(<uint64_t>b.len, &off, &head)
+                    if rc != 0:
+                        # full: make what we have visible, then wait like send()
+                        vrd_publish(&self.d)
+                        self._kick()
+                        self._reserve(<uint64_t>b.len, block, timeout, &off, &head)
+                    memcpy(self.d.base + off, b.buf, b.len)
+                finally:
+                    PyBuffer_Release(&b)
+                self._expose(head, off, <uint32_t>b.len)
+                n += 1
+        finally:
+            # whatever happened, the messages already written are delivered
+            if self.d.base != NULL:
+                vrd_publish(&self.d)
+                self._kick()
         return n
 
     def loan(self, Py_ssize_t size, bint block=True, timeout=None):
@@ -491,6 +508,7 @@ cdef class ChannelReceiver:
         message is already there."""
         if self.h.base == NULL:
             raise ValueError("channel is closed")
+        _drain_fd(self.kick_fd)
         return vrh_notify_enable(&self.h)
 
     cdef inline void _done(self, uint16_t head) noexcept nogil:
@@ -515,9 +533,13 @@ cdef class ChannelReceiver:
                     self._done(head[0])       # hand the bad chain back, keep going
                 raise err
             if not block:
-                # arm before reporting empty, so select() on kick_fd works
+                # Drain and re-arm before reporting empty, so that select() on
+                # kick_fd sleeps until the next message (and never spins).
+                _drain_fd(self.kick_fd)
                 if not vrh_notify_enable(&self.h):
                     continue
+                if self.on_empty is not None:
+                    self.on_empty()          # raises ChannelClosed after a clean close
                 return 0
             if deadline == -2:
                 deadline = _deadline(timeout)
@@ -526,9 +548,7 @@ cdef class ChannelReceiver:
             if rc == 0:
                 return 0
             if rc == 2 and not vrh_avail_pending(&self.h):
-                if self.on_empty is not None:
-                    self.on_empty()
-                raise PeerDead("the producer exited")
+                self._peer_exited()
 
     def wait(self, timeout=None):
         """Wait until a message is there (True) or timeout (False) without
@@ -538,13 +558,28 @@ cdef class ChannelReceiver:
             raise ValueError("channel is closed")
         if vrh_avail_pending(&self.h):
             return True
-        rc = _wait_ring(&self.h, _host_pending, _host_arm, _host_disarm, self.kick_fd,
-                        self.peer_fd, _deadline(timeout), self.spin_ns, self.check, 0.1)
-        if rc == 2 and not vrh_avail_pending(&self.h):
-            if self.on_empty is not None:
-                self.on_empty()
+        cdef int64_t deadline = _deadline(timeout)
+        while True:
+            rc = _wait_ring(&self.h, _host_pending, _host_arm, _host_disarm, self.kick_fd,
+                            self.peer_fd, deadline, self.spin_ns, self.check, 0.1)
+            if rc == 2 and not vrh_avail_pending(&self.h):
+                self._peer_exited()
+                continue
+            return rc != 0
+
+    cdef _peer_exited(self):
+        # The pidfd we watch became readable.  Ask the channel (it knows who
+        # the producer is now: another process may have taken over); it
+        # raises ChannelClosed / PeerDead, or re-points peer_fd and we go on.
+        cdef int old = self.peer_fd
+        if vrh_avail_pending(&self.h):
+            return                       # a message arrived meanwhile: take it first
+        if self.on_empty is not None:
+            self.on_empty()
+        if self.check is not None:
+            self.check()
+        if self.peer_fd == old:
             raise PeerDead("the producer exited")
-        return rc != 0
 
     def recv(self, bint block=True, timeout=None):
         """The next message as bytes (copied out; its buffer returns to the
@@ -567,10 +602,10 @@ cdef class ChannelReceiver:
         A message larger than the buffer raises ValueError and stays queued."""
         cdef uint16_t head
         cdef Py_buffer b
-        if not self._next(block, timeout, &head):
-            raise Empty()
-        PyObject_GetBuffer(buffer, &b, PyBUF_WRITABLE)
+        PyObject_GetBuffer(buffer, &b, PyBUF_WRITABLE)   # before taking a message
         try:
+            if not self._next(block, timeout, &head):
+                raise Empty()
             if <uint64_t>b.len < self.riov.total:
                 vrh_abandon(&self.h, 1)
                 raise ValueError(f"message of {self.riov.total} bytes does not fit a "

@@ -652,7 +652,7 @@ cdef class VringHost:
         the good ones before it were completed; its head stays in flight."""
         self._check_open()
         cdef Py_buffer db, lb
-        cdef uint32_t n = 0, cap, nmax
+        cdef uint32_t n = 0, cap, nmax, done = 0
         cdef uint64_t pos = 0, room
         cdef uint16_t head
         cdef int rc = 0, rc2 = 0
@@ -685,11 +685,19 @@ cdef class VringHost:
                     vrh_iov_pull(riov, self.h.base, <uint8_t *>db.buf + pos, riov.total)
                     (<uint32_t *>lb.buf)[n] = <uint32_t>riov.total
                     pos += riov.total
-                    self._batch[n].id = head
-                    self._batch[n].len = 0
+                    self._batch[n - done].id = head
+                    self._batch[n - done].len = 0
                     n += 1
-                if n:
-                    vrh_complete_multi(&self.h, self._batch, n)
+                    if n - done == 64:
+                        # Complete in chunks of 64 so the driver can reuse
+                        # buffers while we are still copying (both CPUs busy).
+                        vrh_complete_multi(&self.h, self._batch, n - done)
+                        done = n
+                        if notify and vrh_need_notify(&self.h) == 1:
+                            _signal_fd(self.call_fd)
+                if n > done:
+                    vrh_complete_multi(&self.h, self._batch, n - done)
+                    done = n
                     if notify and vrh_need_notify(&self.h) == 1:
                         _signal_fd(self.call_fd)
         finally:
@@ -1060,6 +1068,12 @@ cdef class VringDriver:
                         break
                     pos += ln
                     n += 1
+                    if (n & 63) == 0:
+                        # Publish in chunks of 64 so the device starts while
+                        # we are still copying (both CPUs busy).
+                        vrd_publish(&self.d)
+                        if kick and vrd_kick_prepare(&self.d):
+                            _signal_fd(self.kick_fd)
                     if self.d.num_added >= 0xffff:
                         if vrd_kick_prepare(&self.d):
                             _signal_fd(self.kick_fd)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import time
 import random
 import select
 import signal
@@ -292,9 +293,6 @@ def test_send_many_recv_many(ch):
     assert ch.recv_many() == [b"x"] * 8
 
 
-@pytest.mark.xfail(strict=True, reason="send_many leaves the messages before a failing item "
-                   "exposed but unpublished (no publish/kick on the error path): the consumer "
-                   "cannot see them until some later send")
 @pytest.mark.parametrize("bad", ["too_large", "not_a_buffer"])
 def test_send_many_error_midway_publishes_what_was_sent(ch, bad):
     item = b"x" * (ch.capacity + 1) if bad == "too_large" else 12345
@@ -325,9 +323,6 @@ def test_recv_into(ch):
     assert ch.recv_into(bytearray(0)) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="recv_into fetches the message before acquiring the "
-                   "writable buffer: a read-only buffer raises with the message consumed and its "
-                   "descriptor/arena in flight forever (lost message, producer stalls)")
 def test_recv_into_readonly_buffer_keeps_message(ch):
     ch.send(b"first")
     with pytest.raises((BufferError, TypeError)):
@@ -625,9 +620,6 @@ def _send_sleep_send(ch, gate):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="the consumer keeps the pidfd of the first producer: "
-                   "after a new producer takes the role over, a wait sees the old pidfd "
-                   "readable and raises PeerDead although the current producer is alive")
 def test_consumer_follows_producer_takeover(ch, gates):
     g1 = gates()
     with Forked(_send_sleep_send, ch, g1) as p1:
@@ -651,16 +643,21 @@ def test_consumer_follows_producer_takeover(ch, gates):
 
 
 @pytest.mark.timeout(20)
-@pytest.mark.xfail(strict=True, reason="a new producer initialises its ring state from "
-                   "avail.idx and assumes nothing is in flight: if the dead producer left "
-                   "unconsumed messages, its first send fails with InvalidRing "
-                   "('used idx moved ... more than the buffers in flight')")
 def test_takeover_with_messages_still_queued(ch):
+    # The dead producer's allocation state died with it: a new producer waits
+    # until the consumer has drained what the old one published, then goes on.
     with Forked(_send_and_exit, ch, [b"one", b"two"]) as p1:
         assert p1.join() == 0
     with Forked(_send_and_exit, ch, [b"three"]) as p2:
+        # Until p2 has claimed the role, the only producer is dead and a
+        # blocked recv would rightly raise PeerDead: wait for the claim.
+        from vringipc import layout as L, peers
+        deadline = time.monotonic() + WAIT
+        while peers.read_peer(ch._ring.words, L.DRIVER_LIVENESS_OFF)[0] != p2.pid:
+            assert time.monotonic() < deadline, "p2 never claimed the producer role"
+            time.sleep(0.001)
+        assert [ch.recv(timeout=WAIT) for _ in range(3)] == [b"one", b"two", b"three"]
         assert p2.join() == 0
-    assert [ch.recv(timeout=WAIT) for _ in range(3)] == [b"one", b"two", b"three"]
 
 
 # --- spawn / forkserver -------------------------------------------------------------------
@@ -905,10 +902,6 @@ def test_producer_close_gives_channel_closed_after_drain(gates, blocked):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="non-blocking receives on a drained, cleanly closed "
-                   "channel raise Empty ('try again') instead of ChannelClosed: ChannelReceiver."
-                   "_next returns 0 before any close check, so a recv_nowait/select loop never "
-                   "learns that the producer closed")
 @pytest.mark.parametrize("op", ["recv_nowait", "recv_many", "recv_view", "recv_into"])
 def test_producer_close_seen_by_nonblocking_receive(op):
     with Channel(capacity=4096, num=8) as c, Forked(_send_then_close, c, 1, None) as p:
@@ -1003,9 +996,6 @@ def _use_after_close(role, op):
 def test_use_after_close_raises_valueerror(role, op, request):
     """Run in a forked child: a crash (use of the unmapped ring) fails the test
     instead of the whole run."""
-    bug = _AFTER_CLOSE_BUGS.get((role, op))
-    if bug:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=bug))
     with Forked(_use_after_close, role, op) as p:
         code = p.join()
     assert code == 0, f"child exited with {code}" + (" (crashed)" if code < 0 else "")
@@ -1034,9 +1024,6 @@ def test_fileno_select(ch, gates):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="nothing drains the kick eventfd on the non-blocking "
-                   "path: after the first kick fileno() stays readable forever, so a "
-                   "select/asyncio reader spins on recv_nowait() -> Empty")
 def test_fileno_not_readable_again_until_next_send(ch, gates):
     gate = gates()
     with Forked(_send_on_gate, ch, gate, [b"ping", b"pong"]) as p:

@@ -80,6 +80,7 @@ class Channel:
         self._ring = _ring
         self._spin_ns = int(spin * 1e9)
         self._pidfd = -1
+        self._pidfd_owner = None
         _live_channels.add(self)
 
     # --- identity -------------------------------------------------------------
@@ -103,24 +104,49 @@ class Channel:
         return cls(_ring=ring)
 
     # --- roles ------------------------------------------------------------------
-    def _claim(self, block_off: int, what: str) -> None:
+    def _await_quiescent(self) -> None:
+        """Taking over from an earlier producer: its allocation state died with
+        it, so wait until the consumer has completed everything it published
+        (used idx == avail idx) before allocating anew."""
+        import time
+        r = self._ring.layout.rings[0]
+        words = self._ring.words
+        while True:
+            avail = words.load32(r.avail_off) >> 16        # u16 flags | u16 idx
+            used = words.load32(r.used_off) >> 16
+            if avail == used:
+                return
+            cpid, cstart, cstate = peers.read_peer(words, L.DEVICE_LIVENESS_OFF)
+            if cpid and cstate != L.PEER_ATTACHED or (cpid and not peers.alive(cpid, cstart)):
+                raise PeerDead("taking over as producer: the consumer is gone and "
+                               f"{(avail - used) & 0xffff} messages of the previous producer "
+                               "are still unconsumed")
+            time.sleep(0.001)
+
+    def _claim(self, block_off: int, what: str) -> bool:
+        """Take a role; True if it was held before by another (dead or closed)
+        process."""
         words = self._ring.words
         me, _ = peers.Identity.me()
+        took_over = False
         for _ in range(100):
             pid, start, state = peers.read_peer(words, block_off)
             if pid == me:
                 break
+            took_over = pid != 0
             if pid and state == L.PEER_ATTACHED and peers.alive(pid, start):
                 raise VringError(f"this channel already has a live {what} (pid {pid}); a "
                                  f"Channel is single-producer single-consumer: use Queue for more")
             if words.cas32(block_off + L.PEER_PID, pid, me):
                 break
         peers.claim(words, block_off)
+        return took_over
 
     def _sender(self) -> ChannelSender:
         if self._tx is None:
             self._check_open()
-            self._claim(L.DRIVER_LIVENESS_OFF, "producer")
+            if self._claim(L.DRIVER_LIVENESS_OFF, "producer"):
+                self._await_quiescent()
             r = self._ring.layout.rings[0]
             self._tx = ChannelSender(self._ring.segment.buf, *r.ring_args(),
                                      features=self._ring.layout.features,
@@ -163,16 +189,22 @@ class Channel:
             except OSError:
                 pass
             self._pidfd = -1
+        self._pidfd_owner = None
 
     def _watch(self, side, block_off: int) -> None:
-        """Open a pidfd on the peer once it has attached, so waits wake on its exit."""
-        if side.peer_fd >= 0:
-            return
+        """Keep a pidfd on the current peer, so waits wake when it exits.  If a
+        different process has taken the peer's role, follow it."""
         pid, start, state = peers.read_peer(self._ring.words, block_off)
-        if pid and state == L.PEER_ATTACHED:
-            self._pidfd = peers.open_pidfd(pid, start)
-            if self._pidfd >= 0:
-                side.peer_fd = self._pidfd
+        if side.peer_fd >= 0 and self._pidfd_owner == (pid, start):
+            return
+        # Open the new pidfd before closing the old one, so the fd number
+        # changes (the waiters compare numbers to see that we re-pointed).
+        new_fd = peers.open_pidfd(pid, start) if pid and state == L.PEER_ATTACHED else -1
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+        self._pidfd = new_fd
+        side.peer_fd = new_fd
+        self._pidfd_owner = (pid, start) if new_fd >= 0 else None
 
     def _check_consumer(self) -> None:
         pid, start, state = peers.read_peer(self._ring.words, L.DEVICE_LIVENESS_OFF)
@@ -184,13 +216,16 @@ class Channel:
 
     def _check_producer(self) -> None:
         pid, start, state = peers.read_peer(self._ring.words, L.DRIVER_LIVENESS_OFF)
+        self._watch(self._rx, L.DRIVER_LIVENESS_OFF)
+        if not pid or (state != L.PEER_CLOSED and peers.alive(pid, start)):
+            return
+        # Gone: but what it published before going is delivered first (look
+        # only now, after seeing it gone, so nothing it sent can be missed).
         if self._rx.pending():
             return
-        if pid and state == L.PEER_CLOSED:
+        if state == L.PEER_CLOSED:
             raise ChannelClosed("the producer closed the channel")
-        if pid and not peers.alive(pid, start):
-            raise PeerDead(f"the producer (pid {pid}) exited")
-        self._watch(self._rx, L.DRIVER_LIVENESS_OFF)
+        raise PeerDead(f"the producer (pid {pid}) exited")
 
     def _producer_gone(self) -> None:
         pid, start, state = peers.read_peer(self._ring.words, L.DRIVER_LIVENESS_OFF)
@@ -222,9 +257,8 @@ class Channel:
         when the block ends (cancels it if the block raises).  Or keep the Loan
         and call ``commit(nbytes)`` / ``cancel()``.  Views of the loan must be
         released before it is committed (BufferError otherwise)."""
-        tx = self._sender()
-        self._watch(tx, L.DEVICE_LIVENESS_OFF)
-        return tx.loan(size, block, timeout)
+        self._check_open()
+        return self._sender().loan(size, block, timeout)
 
     # --- consumer API ---------------------------------------------------------------
     def recv(self, block: bool = True, timeout: float | None = None) -> bytes:
@@ -254,6 +288,7 @@ class Channel:
 
     def poll(self, timeout: float | None = 0.0) -> bool:
         """True if a message can be received now (waiting up to `timeout`)."""
+        self._check_open()
         rx = self._receiver()
         if rx.pending():
             return True
@@ -265,9 +300,10 @@ class Channel:
         """The consumer's eventfd, for select/poll/asyncio.  It becomes readable
         after a receive call found nothing (which arms it): the pattern is
         ``try: ch.recv_nowait() except Empty: wait for fileno()``."""
+        self._check_open()
         rx = self._receiver()
         if self._ring.kick_fds[0] < 0:
-            raise ValueError("channel attached without eventfds: nothing to select on")
+            raise ValueError("channel attached without eventfds (polling mode): nothing to select on")
         rx.arm()
         return self._ring.kick_fds[0]
 
