@@ -69,11 +69,14 @@ cdef enum:
     Q_PLOCK_OFF = 0x440            # u32 producer lock owner tid, 0 = free
     Q_PSTATE_OFF = 0x448           # u64 avail idx (low 16 bits) | arena head pos << 16
     Q_RECLAIM_OFF = 0x450          # u32 oldest message that may still use arena bytes
-    Q_PUT_SLEEPERS_OFF = 0x454     # u32 producers asleep waiting for room
     Q_CLOCK_OFF = 0x480            # u32 consumer lock owner tid
-    Q_GET_SLEEPERS_OFF = 0x484     # u32 consumers asleep waiting for a message
-    Q_UNFINISHED_OFF = 0x4C0       # u64 JoinableQueue unfinished tasks
-    Q_JOIN_SLEEPERS_OFF = 0x4C8    # u32 processes asleep in join()
+    # The sleeper counts are read by the other side on every call: each on a
+    # line of its own that is written only when someone goes to sleep, so the
+    # reads stay cache hits instead of bouncing the lock lines.
+    Q_PUT_SLEEPERS_OFF = 0x4C0     # u32 producers asleep waiting for room
+    Q_GET_SLEEPERS_OFF = 0x500     # u32 consumers asleep waiting for a message
+    Q_UNFINISHED_OFF = 0x540       # u64 JoinableQueue unfinished tasks
+    Q_JOIN_SLEEPERS_OFF = 0x548    # u32 processes asleep in join()
     Q_MAGIC = 0x31515256           # "VRQ1"
 
 QUEUE_OFFSETS = {
@@ -522,7 +525,8 @@ cdef class QueueCore:
     cdef void _get_commit(self, uint32_t holder, uint16_t head) noexcept nogil:
         """Record the holder, commit (used->idx), release the lock, wake producers."""
         cdef uint16_t u = vr_load_relaxed_u16(&self.used.idx)
-        self.held[u & self.mask] = holder
+        if self.held[u & self.mask] != holder:     # avoid dirtying a line producers read
+            self.held[u & self.mask] = holder
         vr_store_relaxed_u32(&self.used.ring[u & self.mask].id, head)
         vr_store_relaxed_u32(&self.used.ring[u & self.mask].len, 0)
         # The commit point (release): our reads of the message and HELD[] are

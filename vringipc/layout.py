@@ -30,7 +30,22 @@ Header page (4096 bytes)::
     0x080  4*64  ring table         one 64-byte entry per ring, see below
     0x200  128   driver liveness    producer side: see PEER_* below
     0x280  128   device liveness    consumer side, on its own cache lines
-    0x300  3328  reserved / application area (0x400.. used by the queue layer)
+    0x300  256   reserved
+    0x400  3072  application area; for a Queue (app_kind 2), see below
+
+Queue control block (app_kind 2; words accessed atomically, each side's on
+its own 64-byte line)::
+
+    0x400  4  magic "VRQ1"         0x408  8  maxsize (items, 0 = none)
+    0x440  4  producer lock (owner thread id, 0 = free)
+    0x448  8  producer state: avail idx (bits 0-15) | arena head position << 16
+    0x450  4  reclaim idx: oldest message that may still occupy arena bytes
+    0x480  4  consumer lock (owner thread id)
+    0x4C0  4  producers asleep     0x500  4  consumers asleep
+    0x540  8  unfinished tasks     0x548  4  processes asleep in join()
+    0x600  16*160  process table: u32 pid, u32 reserved, u64 start time
+    window start: u64 slot_start[num], u32 held[num] (holder tid of a
+                  message pinned by a zero-copy view), then message bytes
 
 Ring table entry (64 bytes, at 0x080 + 64*i)::
 

@@ -60,7 +60,7 @@ _META = struct.Struct("<IIQ")          # nbufs, reserved, main pickle length
 _ALIGN = 64
 
 # Process table in the header's application area: who has used the queue.
-PEERS_OFF = 0x500
+PEERS_OFF = 0x600
 PEER_ENTRY = 16                        # u32 pid, u32 flags, u64 start time
 MAX_PEERS = (L.HDR_SIZE - PEERS_OFF) // PEER_ENTRY
 

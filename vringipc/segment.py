@@ -78,7 +78,7 @@ class Segment:
     name: str | None = None
     size: int = 0
     backend: str = "shm"
-    owner: bool = False
+    _owner_pid: int = 0
     _mmap: mmap.mmap | None = None
     _fd: int = -1
 
@@ -87,8 +87,14 @@ class Segment:
         self.size = size
         self.name = name
         self.backend = backend
-        self.owner = owner
+        self._owner_pid = os.getpid() if owner else 0
         self._fd = fd
+
+    @property
+    def owner(self) -> bool:
+        """True in the process that created the segment (not in its forked
+        children, which inherit the object but must never unlink it)."""
+        return self._owner_pid == os.getpid()
 
     # --- construction -------------------------------------------------------
     @classmethod
