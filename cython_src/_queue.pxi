@@ -25,6 +25,9 @@
 # reclamation until released or until its holder dies.
 
 from libc.errno cimport ESRCH, EPERM
+import pickle as _pickle
+_pickle_dumps = _pickle.dumps
+_pickle_loads = _pickle.loads
 
 cdef extern from "<sys/syscall.h>" nogil:
     enum:
@@ -47,15 +50,21 @@ cdef extern from *:
     /* The calling thread's id, cached per thread (gettid is a syscall); the
      * cache is dropped in a forked child, whose thread has a new id. */
     static __thread uint32_t vr_tid_cache;
-    static void vr_tid_forget(void) { vr_tid_cache = 0; }
+    static uint32_t vr_pid_cache;
+    static void vr_tid_forget(void) { vr_tid_cache = 0; vr_pid_cache = 0; }
     static inline uint32_t vr_gettid(void) {
         if (!vr_tid_cache) vr_tid_cache = (uint32_t)syscall(SYS_gettid);
         return vr_tid_cache;
+    }
+    static inline uint32_t vr_getpid(void) {
+        if (!vr_pid_cache) vr_pid_cache = (uint32_t)getpid();
+        return vr_pid_cache;
     }
     static int vr_tid_init(void) { return pthread_atfork(NULL, NULL, vr_tid_forget); }
     """
     void vr_sleep_ns(long ns) nogil
     uint32_t vr_gettid() nogil
+    uint32_t vr_getpid() nogil
     int vr_tid_init()
 
 vr_tid_init()
@@ -189,6 +198,9 @@ cdef class QueueCore:
     cdef public int64_t spin_ns
     cdef public object check     # callable run while asleep (may raise)
     cdef public uint64_t stolen_locks   # locks taken over from dead owners (diagnostics)
+    cdef public object first_use        # callable run once per process before its first put/get
+    cdef public object deserialize      # callable for messages that are not a plain pickle
+    cdef uint32_t registered_pid
 
     def __cinit__(self, buffer, uint32_t num, uint64_t desc_off, uint64_t avail_off,
                   uint64_t used_off, uint64_t win_off, uint64_t win_size, *,
@@ -399,22 +411,67 @@ cdef class QueueCore:
             self._wake(self.get_sleepers, self.kick_fd)
         return rc
 
-    def put_parts(self, parts, bint block=True, timeout=None):
-        """Publish one message made of the buffers in `parts` (part 0 at offset
-        0, each later part at the next 64-byte boundary).  Blocks while full;
-        Full on timeout / non-blocking; MessageTooLarge if it can never fit."""
-        self._check_open()
-        cdef uint32_t n = len(parts), k = 0, j
-        cdef Py_buffer *views
-        cdef const uint8_t **srcs
-        cdef uint64_t *lens
+    cdef int _put_c(self, const uint8_t **srcs, const uint64_t *lens, uint32_t n,
+                    bint block, object timeout) except -1:
+        """Publish one message made of n byte ranges (part 0 at offset 0, each
+        later part at the next 64-byte boundary).  Blocks while full; Full on
+        timeout / non-blocking; MessageTooLarge if it can never fit."""
         cdef uint64_t total = 0
+        cdef uint32_t k
         cdef int rc
         cdef int64_t deadline = -2
         cdef int64_t spin_end
         cdef uint16_t seen
         cdef bint slept = False
         cdef uint32_t me = _gettid()
+        for k in range(n):
+            total = (_align_up(total, ALLOC_ALIGN) if k else 0) + lens[k]
+        if total > self.data_size or total > self.h.max_msg:
+            raise MessageTooLarge(f"message of {total} bytes can never fit: the queue "
+                                  f"holds at most {min(self.data_size, self.h.max_msg)} bytes")
+        while True:
+            with nogil:
+                rc = self._put_once(me, srcs, lens, n, total)
+            if rc == 0:
+                return 0
+            if not block:
+                raise Full()
+            if deadline == -2:
+                # brief spin: room usually appears within microseconds
+                deadline = _deadline(timeout)
+                seen = vr_load_relaxed_u16(&self.used.idx)
+                spin_end = <int64_t>vr_now_ns() + self.spin_ns
+                with nogil:
+                    while <int64_t>vr_now_ns() < spin_end and \
+                            vr_load_relaxed_u16(&self.used.idx) == seen:
+                        vr_cpu_relax()
+                continue
+            # Announce ourselves, then try once more: a consumer that freed
+            # room before seeing the announcement is caught by this retry,
+            # one after it writes call_fd (see _wake).
+            vr_fetch_add_u32(self.put_sleepers, 1)
+            try:
+                vr_fence_sc()
+                with nogil:
+                    rc = self._put_once(me, srcs, lens, n, total)
+                if rc == 0:
+                    return 0
+                if slept and self.check is not None:
+                    self.check()      # still no room after a wake-up: is anyone left?
+                rc = self._doze(self.call_fd, deadline)
+                slept = True
+            finally:
+                vr_fetch_add_u32(self.put_sleepers, <uint32_t>-1)
+            if rc == 0:
+                raise Full()
+
+    def put_parts(self, parts, bint block=True, timeout=None):
+        """Publish one message made of the buffers in `parts` (see _put_c)."""
+        self._check_open()
+        cdef uint32_t n = len(parts), k = 0, j
+        cdef Py_buffer *views
+        cdef const uint8_t **srcs
+        cdef uint64_t *lens
         if n == 0 or n > 4096:
             raise ValueError("a message has 1..4096 parts")
         views = <Py_buffer *>PyMem_RawCalloc(n, sizeof(Py_buffer))
@@ -427,46 +484,8 @@ cdef class QueueCore:
                 PyObject_GetBuffer(parts[k], &views[k], PyBUF_SIMPLE)
                 srcs[k] = <const uint8_t *>views[k].buf
                 lens[k] = views[k].len
-                total = (_align_up(total, ALLOC_ALIGN) if k else 0) + lens[k]
                 k += 1
-            if total > self.data_size or total > self.h.max_msg:
-                raise MessageTooLarge(f"message of {total} bytes can never fit: the queue "
-                                      f"holds at most {min(self.data_size, self.h.max_msg)} bytes")
-            while True:
-                with nogil:
-                    rc = self._put_once(me, srcs, lens, n, total)
-                if rc == 0:
-                    return
-                if not block:
-                    raise Full()
-                if deadline == -2:
-                    # brief spin: room usually appears within microseconds
-                    deadline = _deadline(timeout)
-                    seen = vr_load_relaxed_u16(&self.used.idx)
-                    spin_end = <int64_t>vr_now_ns() + self.spin_ns
-                    with nogil:
-                        while <int64_t>vr_now_ns() < spin_end and \
-                                vr_load_relaxed_u16(&self.used.idx) == seen:
-                            vr_cpu_relax()
-                    continue
-                # Announce ourselves, then try once more: a consumer that freed
-                # room before seeing the announcement is caught by this retry,
-                # one after it writes call_fd (see _wake).
-                vr_fetch_add_u32(self.put_sleepers, 1)
-                try:
-                    vr_fence_sc()
-                    with nogil:
-                        rc = self._put_once(me, srcs, lens, n, total)
-                    if rc == 0:
-                        return
-                    if slept and self.check is not None:
-                        self.check()      # still no room after a wake-up: is anyone left?
-                    rc = self._doze(self.call_fd, deadline)
-                    slept = True
-                finally:
-                    vr_fetch_add_u32(self.put_sleepers, <uint32_t>-1)
-                if rc == 0:
-                    raise Full()
+            self._put_c(srcs, lens, n, block, timeout)
         finally:
             for j in range(k):
                 PyBuffer_Release(&views[j])
@@ -474,11 +493,56 @@ cdef class QueueCore:
             PyMem_RawFree(srcs)
             PyMem_RawFree(lens)
 
+    # --- the Queue's put/get fast path: pickling called from here -------------------
+    def put(self, obj, bint block=True, timeout=None):
+        """Queue.put for the default pickle serializer (see vringipc.queue)."""
+        if self.base == NULL:
+            raise ValueError("Queue is closed")
+        if self.registered_pid != vr_getpid():
+            self.first_use()
+            self.registered_pid = vr_getpid()
+        bufs = []
+        main = _pickle_dumps(obj, 5, buffer_callback=bufs.append)
+        if bufs:
+            bufs = [b.raw() for b in bufs]
+        self.put_obj(main, bufs, False, block, timeout)
+
+    def get(self, bint block=True, timeout=None):
+        """Queue.get for the default pickle serializer."""
+        if self.base == NULL:
+            raise ValueError("Queue is closed")
+        if self.registered_pid != vr_getpid():
+            self.first_use()
+            self.registered_pid = vr_getpid()
+        msg = self.get_raw(block, timeout)
+        if type(msg) is bytes:
+            return _pickle_loads(msg)
+        return self.deserialize(msg)
+
     def put_obj(self, main, list bufs, bint custom=False, bint block=True, timeout=None):
         """put_parts for a serialized object: writes the message header
         (u32 nbufs, u32 custom, u64 len(main), u64 len(buf) each) itself."""
         cdef Py_ssize_t nb = len(bufs) if bufs is not None else 0
         cdef Py_ssize_t i
+        cdef uint64_t hdr[2]
+        cdef const uint8_t *srcs[2]
+        cdef uint64_t lens[2]
+        cdef Py_buffer mb
+        if nb == 0:
+            # Common case, no allocation: header on the stack, pickle in place.
+            self._check_open()
+            PyObject_GetBuffer(main, &mb, PyBUF_SIMPLE)
+            try:
+                hdr[0] = (1ULL << 32) if custom else 0       # nbufs = 0, custom flag
+                hdr[1] = <uint64_t>mb.len
+                srcs[0] = <const uint8_t *>hdr
+                lens[0] = 16
+                srcs[1] = <const uint8_t *>mb.buf
+                lens[1] = <uint64_t>mb.len
+                self._put_c(srcs, lens, 2, block, timeout)
+            finally:
+                PyBuffer_Release(&mb)
+            return
         meta = PyBytes_FromStringAndSize(NULL, 16 + 8 * nb)
         cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(meta)
         (<uint32_t *>p)[0] = <uint32_t>nb

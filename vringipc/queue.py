@@ -138,8 +138,15 @@ class Queue:
                                call_fd=ring.call_fds[0], join_fd=join_fd,
                                spin_ns=int(spin * 1e9))
         self._core.check = self._check_peers
+        self._core.first_use = self._register
+        self._core.deserialize = self._deserialize
         self._registered_pid = 0
         self._closed = False
+        if dumps is None and not self._joinable:
+            # Hot path: q.put / q.get are the Cython methods themselves (they
+            # pickle, register this process once, and check closed).
+            self.put = self._core.put
+            self.get = self._core.get
 
     # --- peers ---------------------------------------------------------------------
     def _register(self) -> None:
@@ -277,6 +284,8 @@ class Queue:
         if self._closed:
             return
         self._closed = True
+        self.__dict__.pop("put", None)
+        self.__dict__.pop("get", None)
         self._core.close()
         owner = self._ring.segment is not None and self._ring.segment.owner
         self._ring.close()
