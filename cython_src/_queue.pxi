@@ -180,7 +180,7 @@ cdef class QueueCore:
     cdef vr_avail *avail
     cdef vr_used *used
     cdef uint64_t *slot_start    # [num] shared: arena position of message i
-    cdef uint32_t *held          # [num] shared: tid holding message i's bytes (0 = none)
+    cdef uint32_t *held          # [num] shared: pid holding message i's bytes (0 = none)
     cdef uint64_t data_off       # arena bytes for messages: [data_off, data_off + data_size)
     cdef uint64_t data_size
     cdef uint32_t *plock
@@ -631,12 +631,14 @@ cdef class QueueCore:
                     hm = HeldMessage.__new__(HeldMessage)
                     hm.q = self
                     hm.slot = slot
-                    hm.holder = me
+                    # Pinned by the PROCESS (a view may outlive the thread
+                    # that took it); reclaimed when that process is gone.
+                    hm.holder = vr_getpid()
                     hm.ptr = self.base + self.riov.seg[0].off if self.riov.used == 1 else self.base
                     hm.length = self.riov.seg[0].len if self.riov.used == 1 else 0
                     self.mapped.pins += 1
                     with nogil:
-                        self._get_commit(me, head)
+                        self._get_commit(hm.holder, head)
                     return hm
                 # Fast path: a plain pickle with no out-of-band buffers comes
                 # back as the pickle bytes alone (one copy, no header parsing).
