@@ -113,7 +113,14 @@ class RingMachine(RuleBasedStateMachine):
             self.ring.close()
 
     def reset_both(self, base):
-        """set_base(base) on both sides; the model forgets everything."""
+        """set_base(base) on both sides; the model forgets everything.
+
+        Exact checking may resume after corruption because everything either
+        side reads from shared memory is rewritten before it is read again:
+        avail.idx / used.idx by set_base, used_event (EVENT_IDX) or
+        avail.flags by the driver's set_base (disable_cb), descriptors,
+        indirect tables, ring entries and payload by each add / complete, and
+        avail_event or used.flags by the notify_enable() below."""
         was_clean = self.model.clean
         self.host.set_base(base)
         self.drv.set_base(base)
@@ -239,8 +246,9 @@ class RingMachine(RuleBasedStateMachine):
             payload = self.rng.randbytes(n)
             head = self.drv.add_slot(payload, token=token)
         if m.free < 1:
-            assert head is None
+            assert head is None, "add_slot succeeded on a full ring"
             return
+        assert head is not None, "add_slot failed with a free descriptor"
         seg = [(ring.lo + head * SLOT, n)]
         chain = Chain(token, [] if writable else seg, seg if writable else [], payload, 1)
         self.added(chain, head)
@@ -532,6 +540,13 @@ class RingMachine(RuleBasedStateMachine):
             return
         with pytest.raises(ValueError):
             call()
+        if kind.startswith("multi") and data.draw(st.booleans(), label="retry valid part"):
+            # All-or-nothing: the valid entries of the rejected batch still complete.
+            good = sorted({h for h, _ in items if h in m.in_flight})
+            self.host.complete_multi([(h, 0) for h in good])
+            for h in good:
+                m.complete(h, 0)
+                self.release(h)
 
     # --- both sides ---------------------------------------------------------------
     def do_reset(self, data):
