@@ -466,8 +466,9 @@ cdef class ChannelReceiver:
         self.h.inflight = <uint8_t *>PyMem_RawCalloc(num, 1)
         self.h.wcap = <uint32_t *>PyMem_RawCalloc(num, sizeof(uint32_t))
         self.h.fetched = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
+        self.h.fetch_pos = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
         self.batch = <vr_used_elem *>PyMem_RawCalloc(num, sizeof(vr_used_elem))
-        if not (self.h.inflight and self.h.wcap and self.h.fetched and self.batch):
+        if not (self.h.inflight and self.h.wcap and self.h.fetched and self.h.fetch_pos and self.batch):
             raise MemoryError()
         cdef uint16_t base = vr_load_relaxed_u16(&self.h.used.idx)
         self.h.last_avail_idx = self.h.shadow_avail_idx = self.h.last_used_idx = base
@@ -480,6 +481,7 @@ cdef class ChannelReceiver:
         PyMem_RawFree(self.h.inflight)
         PyMem_RawFree(self.h.wcap)
         PyMem_RawFree(self.h.fetched)
+        PyMem_RawFree(self.h.fetch_pos)
         PyMem_RawFree(self.batch)
         PyMem_RawFree(self.riov.seg)
 

@@ -469,8 +469,9 @@ cdef class VringHost:
         self.h.inflight = <uint8_t *>PyMem_RawCalloc(num, 1)
         self.h.wcap = <uint32_t *>PyMem_RawCalloc(num, sizeof(uint32_t))
         self.h.fetched = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
+        self.h.fetch_pos = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
         self._batch = <vr_used_elem *>PyMem_RawCalloc(num, sizeof(vr_used_elem))
-        if not (self.h.inflight and self.h.wcap and self.h.fetched and self._batch):
+        if not (self.h.inflight and self.h.wcap and self.h.fetched and self.h.fetch_pos and self._batch):
             raise MemoryError()
         self.kick_fd = kick_fd
         self.call_fd = call_fd
@@ -483,6 +484,7 @@ cdef class VringHost:
         PyMem_RawFree(self.h.inflight)
         PyMem_RawFree(self.h.wcap)
         PyMem_RawFree(self.h.fetched)
+        PyMem_RawFree(self.h.fetch_pos)
         PyMem_RawFree(self._batch)
 
     def set_base(self, uint16_t idx):

@@ -76,6 +76,7 @@ cdef struct vrh_t:
     uint8_t *inflight       # [num] 1 while a head is fetched and not completed
     uint32_t *wcap          # [num] writable capacity of each in-flight head
     uint16_t *fetched       # [num] head fetched from avail slot (idx & mask)
+    uint16_t *fetch_pos     # [num] avail index at which each in-flight head was fetched
     uint32_t n_inflight
     int err_ring            # last error was an invalid ring
     int err_reason          # R_* / D_* of the last error
@@ -157,6 +158,7 @@ cdef inline int vrh_get_head(vrh_t *h, uint16_t *head) noexcept nogil:
     if h.inflight[hd]:
         return vrh_fail(h, EINVAL, R_HEAD_BUSY, hd, 0, True)
     h.fetched[h.last_avail_idx & h.mask] = hd
+    h.fetch_pos[hd] = h.last_avail_idx
     h.last_avail_idx += 1
     h.inflight[hd] = 1
     h.wcap[hd] = 0
@@ -279,7 +281,9 @@ cdef inline int vrh_abandon(vrh_t *h, uint32_t n) noexcept nogil:
         return -EINVAL
     for k in range(1, n + 1):
         hd = h.fetched[<uint16_t>(h.last_avail_idx - k) & h.mask]
-        if not h.inflight[hd]:
+        # the head must still be in flight from THIS fetch (a completed head
+        # may have been reused and fetched again later)
+        if not h.inflight[hd] or h.fetch_pos[hd] != <uint16_t>(h.last_avail_idx - k):
             return -EINVAL
     for k in range(1, n + 1):
         hd = h.fetched[<uint16_t>(h.last_avail_idx - k) & h.mask]

@@ -15,8 +15,10 @@ __all__ = ["unique_name", "shm_entries", "shm_leak_check", "live_children"]
 
 
 def unique_name(tag: str = "t") -> str:
-    """A segment name unique to this test run (<= 30 characters)."""
-    return f"{NAME_PREFIX}{tag[:6]}_{secrets.token_hex(6)}"
+    """A segment name unique to this test run, in the generated format (so the
+    leak check can tell which process made it).  `tag` is accepted for
+    readability of call sites only."""
+    return f"{NAME_PREFIX}{os.getpid():x}_{secrets.token_hex(6)}"
 
 
 def shm_entries() -> set[str]:
@@ -49,7 +51,9 @@ def shm_leak_check():
     leaked = set()
     for name in shm_entries() - before:
         pid = name_pid(name)
-        if pid is None or pid == me or not _pid_alive(pid):
+        # Names not in the generated format belong to some other program
+        # sharing /dev/shm; ours always carry the creator's pid.
+        if pid is not None and (pid == me or not _pid_alive(pid)):
             leaked.add(name)
     for name in leaked:
         with contextlib.suppress(OSError):
