@@ -35,8 +35,10 @@ How each wait is driven (see the report in docs / the Cython notes below):
 * ``AsyncChannel.send`` when full: eventfd-driven if the Cython core has
   ``ChannelSender.arm(size)`` (enables the consumer's "used" notifications,
   then re-checks for room: True = still full, safe to wait on the call
-  eventfd); otherwise an adaptive polling fallback (``asyncio.sleep`` backoff
-  0 -> 50 us -> ... -> 5 ms), which never blocks the loop either.
+  eventfd); otherwise an adaptive polling fallback (16 plain yields to the
+  loop, then ``asyncio.sleep`` of 50 us doubling up to 5 ms, restarting
+  with each send), which never blocks the loop either but costs a wake-up
+  every 5 ms while the consumer stays stalled.
 * ``AsyncQueue`` get/put/join: eventfd-driven.  Queue consumers (producers,
   joiners) are only signalled while the shared GET_SLEEPERS (PUT_SLEEPERS,
   JOIN_SLEEPERS) count is non-zero, so a waiter announces itself there, then
@@ -79,8 +81,9 @@ from vringipc.errors import Empty, Full
 __all__ = ["AsyncChannel", "AsyncQueue"]
 
 CHECK_INTERVAL = 0.1            # seconds between liveness checks while waiting
-BACKOFF_MIN = 50e-6             # polling fallback: first real sleep
-BACKOFF_MAX = 5e-3              # polling fallback: longest sleep
+BACKOFF_YIELDS = 16             # polling fallback: first just yield to the loop this often,
+BACKOFF_MIN = 50e-6             # then sleep this long,
+BACKOFF_MAX = 5e-3              # doubling up to this
 YIELD_EVERY = 64
 
 
@@ -194,11 +197,18 @@ class _Base:
             w.detach()
             self._waiters.discard(w)
 
-    async def _backoff(self, delay: float) -> float:
-        """Sleep `delay` (0 = just yield) and return the next delay."""
+    async def _backoff(self, step: int) -> int:
+        """One polling step: the first BACKOFF_YIELDS only yield to the loop
+        (room usually appears within microseconds, as the blocking calls'
+        spin assumes), then sleep BACKOFF_MIN doubling up to BACKOFF_MAX.
+        Returns the next step."""
         self._streak = 0
-        await asyncio.sleep(delay)
-        return min(max(delay * 2, BACKOFF_MIN), BACKOFF_MAX)
+        if step < BACKOFF_YIELDS:
+            await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(min(BACKOFF_MIN * (1 << min(step - BACKOFF_YIELDS, 20)),
+                                    BACKOFF_MAX))
+        return step + 1
 
     def _wake_all(self) -> None:
         for w in list(self._waiters):
@@ -234,16 +244,21 @@ class AsyncChannel(_Base):
             and self._ch._ring.call_fds[0] >= 0
 
     # --- consumer ---------------------------------------------------------------------
-    async def _receive(self, attempt):
+    async def _receive(self, attempt, tried: bool = False):
+        """Take a message with attempt() (a non-blocking receive), waiting for
+        the kick eventfd while it raises Empty.  tried = the caller's own
+        attempt just raised Empty (so start by waiting)."""
         ch = self._ch
-        await self._fair()
         woke = False
-        delay = 0.0
+        step = 0
         while True:
-            try:
-                return attempt()            # arms the kick eventfd before raising Empty
-            except Empty:
-                pass
+            if tried:
+                tried = False
+            else:
+                try:
+                    return attempt()        # arms the kick eventfd before raising Empty
+                except Empty:
+                    pass
             rx = ch._rx
             if (woke or rx.peer_fd < 0) and rx.check is not None:
                 # Nothing after a wake-up (or not watching the producer yet):
@@ -251,52 +266,86 @@ class AsyncChannel(_Base):
                 # peer_fd at its pidfd so that its exit wakes us.
                 rx.check()
             if rx.kick_fd < 0:              # attached without eventfds: poll
-                delay = await self._backoff(delay)
+                step = await self._backoff(step)
                 woke = True
                 continue
             fds = (rx.kick_fd, rx.peer_fd) if rx.peer_fd >= 0 else (rx.kick_fd,)
             await self._wait(fds, self._check_interval)
             woke = True
 
+    # The public methods try once inline (no extra coroutine, no closure) and
+    # only fall back to _receive when they have to wait.
     async def recv(self) -> bytes:
         """The next message as bytes."""
-        ch = self._ch
-        return await self._receive(lambda: ch.recv(False))
+        if self._yield_every:
+            self._streak += 1
+            if self._streak >= self._yield_every:
+                self._streak = 0
+                await asyncio.sleep(0)
+        try:
+            return self._ch.recv(False)
+        except Empty:
+            ch = self._ch
+            return await self._receive(lambda: ch.recv(False), True)
 
     async def recv_view(self):
         """The next message as a read-only MessageView of shared memory (no
         copy); release it (or use ``with``) to give its buffer back."""
-        ch = self._ch
-        return await self._receive(lambda: ch.recv_view(False))
+        if self._yield_every:
+            self._streak += 1
+            if self._streak >= self._yield_every:
+                self._streak = 0
+                await asyncio.sleep(0)
+        try:
+            return self._ch.recv_view(False)
+        except Empty:
+            ch = self._ch
+            return await self._receive(lambda: ch.recv_view(False), True)
 
     async def recv_into(self, buffer) -> int:
         """Copy the next message into `buffer`; returns its length."""
         ch = self._ch
+        await self._fair()
         return await self._receive(lambda: ch.recv_into(buffer, False))
 
     async def recv_many(self, max_messages: int = 1 << 30) -> list:
         """Wait for one message, then take every message already there (up to
         max_messages) with one notification for all."""
         ch = self._ch
+        await self._fair()
         return await self._receive(lambda: ch.recv_many(max_messages, False))
 
     # --- producer ---------------------------------------------------------------------
     async def send(self, data) -> None:
         """Copy a bytes-like message into shared memory and publish it, waiting
         (without blocking the loop) while the channel is full."""
+        if self._yield_every:
+            self._streak += 1
+            if self._streak >= self._yield_every:
+                self._streak = 0
+                await asyncio.sleep(0)
+        try:
+            self._ch.send(data, False)
+        except Full:
+            await self._send_wait(data)
+
+    async def _send_wait(self, data) -> None:
         ch = self._ch
-        await self._fair()
         nbytes = None
         woke = False
-        delay = 0.0
+        step = 0
         next_check = None
         loop = None
+        tried = True
         while True:
-            try:
-                ch.send(data, False)
-                return
-            except Full:
-                pass
+            if tried:
+                tried = False
+            else:
+                try:
+                    ch.send(data, False)
+                    return
+                except Full:
+                    pass
             tx = ch._tx
             arm = getattr(tx, "arm", None)
             if arm is not None and tx.call_fd >= 0:
@@ -324,7 +373,7 @@ class AsyncChannel(_Base):
                 next_check = loop.time() + self._check_interval
                 if tx.check is not None:
                     tx.check()
-            delay = await self._backoff(delay)
+            step = await self._backoff(step)
 
     # --- lifecycle ---------------------------------------------------------------------
     def close(self) -> None:
@@ -438,15 +487,17 @@ class AsyncQueue(_Base):
             _drain(fd)
 
     # --- consumer ---------------------------------------------------------------------
-    async def _take(self, attempt):
+    async def _take(self, attempt, tried: bool = False):
         q = self._q
-        await self._fair()
         slept = False
         while True:
-            try:
-                return attempt()
-            except Empty:
-                pass
+            if tried:
+                tried = False
+            else:
+                try:
+                    return attempt()
+                except Empty:
+                    pass
             if slept:
                 q._check_peers()        # nothing after a wait: is anybody left?
             ann, still = self._announce(_GET)
@@ -460,12 +511,21 @@ class AsyncQueue(_Base):
 
     async def get(self):
         """Remove and return an item."""
-        q = self._q
-        return await self._take(lambda: q.get(False))
+        if self._yield_every:
+            self._streak += 1
+            if self._streak >= self._yield_every:
+                self._streak = 0
+                await asyncio.sleep(0)
+        try:
+            return self._q.get(False)
+        except Empty:
+            q = self._q
+            return await self._take(lambda: q.get(False), True)
 
     async def get_nocopy(self):
         """Like get(), out-of-band buffers as read-only views of shared memory."""
         q = self._q
+        await self._fair()
         return await self._take(lambda: q.get_nocopy(False))
 
     # --- producer ---------------------------------------------------------------------
