@@ -26,7 +26,7 @@ and a waiting call can be cancelled at any time (``asyncio.wait_for``,
 the message (nothing is lost) and a cancelled send has sent nothing.  Works
 with the default asyncio loop and with uvloop (anything with add_reader).
 
-How each wait is driven (see the report in docs / the Cython notes below):
+How each wait is driven:
 
 * ``AsyncChannel`` receive: eventfd-driven.  ``recv(block=False)`` re-arms the
   consumer's notifications (and drains the kick eventfd) before it raises
