@@ -327,6 +327,41 @@ cdef class ChannelSender:
                               .format(a=self.d.err_a, b=self.d.err_b), None)
         return self.f_w - self.f_r
 
+    cdef inline bint _fits(self, uint64_t size) noexcept nogil:
+        """Would _alloc(size) succeed now?  No side effects (call after _reclaim)."""
+        cdef uint64_t asz = _align_up(size if size else 1, ALLOC_ALIGN)
+        cdef uint64_t p = self.pos_head
+        cdef uint64_t o
+        if self.d.num_free == 0:
+            return False
+        o = p % self.win_size
+        if o + asz > self.win_size:
+            p += self.win_size - o
+        return p + asz - self.pos_tail <= self.win_size
+
+    def arm(self, Py_ssize_t size=0):
+        """For event loops, after send(block=False) raised Full: True = still
+        no room for `size` bytes, wait for call_fd; False = room now (and
+        disarmed).  Drains call_fd first."""
+        if self.d.base == NULL:
+            raise ValueError("channel is closed")
+        _drain_fd(self.call_fd)
+        if self._reclaim() < 0:
+            raise InvalidRing(EINVAL, _DRIVER_REASONS.get(self.d.err_reason, "ring broken")
+                              .format(a=self.d.err_a, b=self.d.err_b), None)
+        if self._fits(<uint64_t>size):
+            return False
+        # barrier D inside vrd_enable_cb pairs with the fence in vrh_need_notify
+        if vrd_enable_cb(&self.d):
+            return True
+        vrd_disable_cb(&self.d)
+        return False
+
+    def disarm(self):
+        """Stop asking for calls (we are polling again)."""
+        if self.d.base != NULL:
+            vrd_disable_cb(&self.d)
+
     def flush_kick(self):
         """Signal the consumer unconditionally (used on close so a sleeping
         consumer wakes up to notice)."""

@@ -697,6 +697,36 @@ cdef class QueueCore:
             self._wake(self.put_sleepers, self.call_fd)
         self.mapped.unpin()
 
+    # --- event-loop integration ---------------------------------------------------------
+    cdef uint32_t *_sleepers_word(self, int which) except NULL:
+        if which == 0:
+            return self.get_sleepers
+        if which == 1:
+            return self.put_sleepers
+        if which == 2:
+            return self.join_sleepers
+        raise ValueError("which must be 0 (get), 1 (put) or 2 (join)")
+
+    def sleep_begin(self, int which):
+        """Announce a sleeper (0 = get on kick_fd, 1 = put on call_fd, 2 = join
+        on join_fd), SC fence (pairs with _wake), re-check.  True = still worth
+        waiting (get: empty, join: unfinished > 0, put: always - retry the put
+        once).  Match every call with sleep_end (in a finally)."""
+        self._check_open()
+        cdef uint32_t *w = self._sleepers_word(which)
+        vr_fetch_add_u32(w, 1)
+        vr_fence_sc()
+        if which == 0:
+            return vr_load_acquire_u16(&self.avail.idx) == vr_load_relaxed_u16(&self.used.idx)
+        if which == 2:
+            return vr_load_acquire_u64(self.unfinished) != 0
+        return True
+
+    def sleep_end(self, int which):
+        if self.base == NULL:
+            return
+        vr_fetch_add_u32(self._sleepers_word(which), <uint32_t>-1)
+
     # --- JoinableQueue ---------------------------------------------------------------
     def task_add(self, int64_t n=1):
         """Add n (may be -1 to undo a failed put) to the unfinished tasks."""

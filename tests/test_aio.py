@@ -701,8 +701,6 @@ def test_queue_get_raises_peer_dead_when_everyone_else_is_gone(run):
     q.close()
 
 
-@pytest.mark.xfail(strict=True, reason="vringipc.Queue bug: a process registering after a peer "
-                   "died recycles the dead peer's table slot, so PeerDead is never raised")
 @pytest.mark.timeout(30)
 def test_queue_peer_dead_when_peer_died_before_we_registered():
     # Blocking API, no asyncio: the child uses the queue and exits before the

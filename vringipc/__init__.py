@@ -9,6 +9,7 @@ from vringipc._ring import (
     VringHost,
     need_event,
 )
+from vringipc.aio import AsyncChannel, AsyncQueue
 from vringipc.channel import Channel
 from vringipc.queue import JoinableQueue, Queue, SimpleQueue
 from vringipc.errors import (
@@ -26,6 +27,8 @@ from vringipc.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncChannel",
+    "AsyncQueue",
     "Channel",
     "ChannelClosed",
     "Queue",

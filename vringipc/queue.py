@@ -155,16 +155,22 @@ class Queue:
         if self._registered_pid == me:
             return
         words = self._ring.words
-        for i in range(MAX_PEERS):
-            off = PEERS_OFF + i * PEER_ENTRY
-            pid = words.load32(off)
-            if pid == me:
-                break
-            if pid == 0 or not peers.alive(pid, words.load64(off + 8)):
-                if words.cas32(off, pid, me):
-                    words.store64(off + 8, start)
-                    break
-        self._registered_pid = me
+        # A free slot first: the entries of dead processes are what lets a
+        # blocked call see that everyone else is gone, so they are reused only
+        # when the table is full.
+        for reuse_dead in (False, True):
+            for i in range(MAX_PEERS):
+                off = PEERS_OFF + i * PEER_ENTRY
+                pid = words.load32(off)
+                if pid == me:
+                    self._registered_pid = me
+                    return
+                if pid == 0 or (reuse_dead and not peers.alive(pid, words.load64(off + 8))):
+                    if words.cas32(off, pid, me):
+                        words.store64(off + 8, start)
+                        self._registered_pid = me
+                        return
+        self._registered_pid = me          # table full of live processes: not tracked
 
     def _check_peers(self) -> None:
         """Called every 100 ms while blocked: raise PeerDead if every other
