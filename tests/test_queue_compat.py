@@ -218,6 +218,11 @@ def _put_items(q, items):
         q.put(it)
 
 
+def _put_then_wait(q, item, go):
+    q.put(item)
+    go.wait(WAIT)
+
+
 def _collect_child(q, expected):
     got = []
     while True:
@@ -373,6 +378,14 @@ class _QueueBehaviour:
         for i in range(100):
             assert q.get(timeout=WAIT) == i
         assert q.qsize() == 0 and q.empty() and not q.full()
+
+    @pytest.mark.parametrize("kind", TIMED_KINDS)
+    def test_large_maxsize(self, kind):
+        q = self.new(kind, maxsize=40_000)
+        for i in range(5):
+            q.put_nowait(i)
+        assert q.qsize() == 5 and not q.full()
+        assert [q.get(timeout=WAIT) for _ in range(5)] == list(range(5))
 
     def test_simple_queue_empty(self):
         q = self.new("SimpleQueue")
@@ -661,8 +674,9 @@ class _QueueBehaviour:
             p1.join(WAIT)
             assert p1.exitcode == 0
             # The consumer now waits with nobody else alive that ever used the
-            # queue.  (Give a liveness check time to misfire; nothing asserted on it.)
-            time.sleep(1.0)
+            # queue.  Give a liveness check time to misfire (returns early if
+            # the consumer exits; nothing asserted on the duration).
+            c.join(1.5)
             p2 = ctx.Process(target=_put_items, args=(q, [3, 4, 5, None]))
             p2.start()
             p2.join(WAIT)
@@ -673,6 +687,36 @@ class _QueueBehaviour:
             if c.is_alive():
                 c.kill()
             c.join(WAIT)
+
+
+    @pytest.mark.timeout(60)
+    def test_drain_with_timeout_after_workers_exited(self):
+        """The classic drain loop after joining the workers: get(timeout=...)
+        until queue.Empty."""
+        ctx = mp.get_context("fork")
+        q = self.new("Queue")
+        go = ctx.Event()
+        ws = [ctx.Process(target=_put_then_wait, args=(q, i, go)) for i in range(3)]
+        for w in ws:
+            w.start()
+        try:
+            got = [q.get(timeout=WAIT) for _ in ws]      # all three have put (and live)
+            go.set()
+            for w in ws:
+                w.join(WAIT)
+                assert w.exitcode == 0
+            try:
+                while True:
+                    got.append(q.get(timeout=0.5))
+            except queue.Empty:
+                pass
+            assert sorted(got) == [0, 1, 2]
+        finally:
+            go.set()
+            for w in ws:
+                if w.is_alive():
+                    w.kill()
+                w.join(WAIT)
 
 
 class TestStdlib(_QueueBehaviour):
@@ -704,6 +748,9 @@ class TestVringipc(_QueueBehaviour):
         "test_negative_timeout_is_non_blocking":
             "BUG: vringipc raises ValueError('timeout must be non-negative') for a negative "
             "timeout; multiprocessing treats it as 0 (Empty/Full at once)",
+        "test_large_maxsize":
+            "DIFFERENCE (undocumented in the module docstring): vringipc refuses maxsize > "
+            "32768 with ValueError; multiprocessing accepts any maxsize up to SEM_VALUE_MAX",
         "test_simple_queue_closed_raises_oserror":
             "DIFFERENCE: vringipc.SimpleQueue raises ValueError after close(); "
             "mp.SimpleQueue raises OSError('handle is closed')",
@@ -711,6 +758,10 @@ class TestVringipc(_QueueBehaviour):
             "BUG: vringipc pickles with plain pickle, not multiprocessing's ForkingPickler: "
             "its reducers (socket, Connection, DupFd...) are missing, put(socket) raises "
             "TypeError",
+        "test_drain_with_timeout_after_workers_exited":
+            "BUG: a get() with a timeout raises PeerDead (a ConnectionError, not queue.Empty) "
+            "once every other process that used the queue has exited, even after a clean "
+            "exit: the common 'get(timeout=...) until Empty' drain loop crashes",
         "test_consumer_waits_across_sequential_producers":
             "BUG: the consumer raises PeerDead once the only process that ever used the queue "
             "has exited, although the parent still holds the queue and starts another producer",
