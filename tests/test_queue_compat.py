@@ -567,6 +567,28 @@ class _QueueBehaviour:
             b.close()
 
     @pytest.mark.parametrize("kind", KINDS)
+    def test_connection_through_queue(self, kind):
+        """A multiprocessing Connection (a Pipe end) put into the queue: the
+        received object is an independent handle (ForkingPickler duplicates
+        the fd), so closing it leaves the original open."""
+        q = self.new(kind)
+        a, b = mp.Pipe()
+        try:
+            q.put(a)
+            a2 = self.get(q)
+            a2.send("via the copy")
+            assert b.recv() == "via the copy"
+            a2.close()
+            a.send("via the original")
+            assert b.recv() == "via the original"
+        finally:
+            for c in (a, b):
+                try:
+                    c.close()
+                except OSError:
+                    pass
+
+    @pytest.mark.parametrize("kind", KINDS)
     def test_pickle_outside_process_start_refused(self, kind):
         q = self.new(kind)
         with pytest.raises(RuntimeError):
@@ -758,6 +780,10 @@ class TestVringipc(_QueueBehaviour):
             "BUG: vringipc pickles with plain pickle, not multiprocessing's ForkingPickler: "
             "its reducers (socket, Connection, DupFd...) are missing, put(socket) raises "
             "TypeError",
+        "test_connection_through_queue":
+            "BUG: without ForkingPickler's reducer a Connection is pickled by its raw fd "
+            "number: the received copy shares (and on close/GC closes) that fd number, "
+            "closing the original here and an unrelated fd in another process",
         "test_drain_with_timeout_after_workers_exited":
             "BUG: a get() with a timeout raises PeerDead (a ConnectionError, not queue.Empty) "
             "once every other process that used the queue has exited, even after a clean "
