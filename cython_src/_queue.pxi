@@ -25,9 +25,53 @@
 # reclamation until released or until its holder dies.
 
 from libc.errno cimport ESRCH, EPERM
+import copyreg as _copyreg
+import io as _io
 import pickle as _pickle
+from collections import ChainMap as _ChainMap
+from multiprocessing.reduction import ForkingPickler as _ForkingPickler
 _pickle_dumps = _pickle.dumps
 _pickle_loads = _pickle.loads
+
+
+class _QueuePickler(_pickle.Pickler):
+    """pickle protocol 5 with multiprocessing's extra reducers (sockets,
+    Connections, ...), as multiprocessing.Queue pickles with ForkingPickler."""
+    dispatch_table = _ChainMap(_ForkingPickler._extra_reducers, _copyreg.dispatch_table)
+
+
+# Types that cannot contain anything multiprocessing reduces specially: the
+# plain (faster) pickler gives the same bytes for them.
+_LEAF_TYPES = frozenset([bytes, bytearray, str, int, float, bool, complex, type(None)])
+_tls = __import__("threading").local()
+
+
+def _mp_dumps(obj, buffer_callback):
+    """Pickle obj (protocol 5, out-of-band buffers to buffer_callback) the way
+    multiprocessing.Queue would: with ForkingPickler's extra reducers."""
+    if type(obj) in _LEAF_TYPES or not _ForkingPickler._extra_reducers:
+        return _pickle_dumps(obj, 5, buffer_callback=buffer_callback)
+    st = getattr(_tls, "st", None)
+    if st is None or st[3]:
+        # one reusable pickler per thread (a fresh one if re-entered)
+        f = _io.BytesIO()
+        bufs = []
+        st = [f, bufs, _QueuePickler(f, 5, buffer_callback=bufs.append), False]
+        if getattr(_tls, "st", None) is None:
+            _tls.st = st
+    f, bufs, p = st[0], st[1], st[2]
+    st[3] = True
+    try:
+        f.seek(0)
+        f.truncate()
+        p.clear_memo()
+        p.dump(obj)
+        for pb in bufs:
+            buffer_callback(pb)
+        return f.getvalue()
+    finally:
+        bufs.clear()
+        st[3] = False
 
 cdef extern from "<sys/syscall.h>" nogil:
     enum:
@@ -61,11 +105,29 @@ cdef extern from *:
         return vr_pid_cache;
     }
     static int vr_tid_init(void) { return pthread_atfork(NULL, NULL, vr_tid_forget); }
+    #include <fcntl.h>
+    #include <stdio.h>
+    #include <string.h>
+    /* 1 if /proc/<id>/stat says the task is a zombie or dead. */
+    static int vr_proc_zombie(uint32_t id) {
+        char path[48], buf[512];
+        snprintf(path, sizeof path, "/proc/%u/stat", id);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) return 0;            /* cannot tell: assume alive */
+        ssize_t n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n <= 0) return 0;
+        buf[n] = 0;
+        char *p = strrchr(buf, ')');     /* comm may contain spaces and parens */
+        if (!p || p[1] != ' ') return 0;
+        return p[2] == 'Z' || p[2] == 'X';
+    }
     """
     void vr_sleep_ns(long ns) nogil
     uint32_t vr_gettid() nogil
     uint32_t vr_getpid() nogil
     int vr_tid_init()
+    bint vr_proc_zombie(uint32_t id) nogil
 
 vr_tid_init()
 
@@ -103,8 +165,12 @@ cdef inline uint32_t _gettid() noexcept nogil:
     return vr_gettid()
 
 cdef inline bint _tid_dead(uint32_t tid) noexcept nogil:
-    # kill(tid, 0) addresses any live thread id; ESRCH = gone.
-    return kill(<int>tid, 0) != 0 and errno == ESRCH
+    # kill(tid, 0) addresses any thread or process id; ESRCH = gone.  A killed
+    # process that its parent has not reaped yet is a zombie and still answers
+    # kill(): look at its state in /proc too (Z zombie, X dead).
+    if kill(<int>tid, 0) != 0:
+        return errno == ESRCH
+    return vr_proc_zombie(tid)
 
 
 cdef int _robust_lock(uint32_t *word, uint32_t me, int64_t deadline) noexcept nogil:
@@ -282,9 +348,11 @@ cdef class QueueCore:
     def qsize(self):
         """Messages published and not yet taken (approximate, like mp.Queue)."""
         self._check_open()
-        cdef uint16_t a = vr_load_acquire_u16(&self.avail.idx)
+        # used first: a racing get between the two loads cannot make a < u
         cdef uint16_t u = vr_load_acquire_u16(&self.used.idx)
-        return <uint16_t>(a - u)
+        cdef uint16_t a = vr_load_acquire_u16(&self.avail.idx)
+        cdef uint16_t n = <uint16_t>(a - u)
+        return n if n <= self.num else self.num
 
     def held_messages(self):
         """Taken messages whose bytes are still pinned by zero-copy views."""
@@ -456,7 +524,7 @@ cdef class QueueCore:
                     rc = self._put_once(me, srcs, lens, n, total)
                 if rc == 0:
                     return 0
-                if slept and self.check is not None:
+                if slept and self.check is not None and deadline < 0:
                     self.check()      # still no room after a wake-up: is anyone left?
                 rc = self._doze(self.call_fd, deadline)
                 slept = True
@@ -502,7 +570,7 @@ cdef class QueueCore:
             self.first_use()
             self.registered_pid = vr_getpid()
         bufs = []
-        main = _pickle_dumps(obj, 5, buffer_callback=bufs.append)
+        main = _mp_dumps(obj, bufs.append)
         if bufs:
             bufs = [b.raw() for b in bufs]
         self.put_obj(main, bufs, False, block, timeout)
@@ -681,8 +749,11 @@ cdef class QueueCore:
                 # re-check after announcing (pairs with _wake in the producer)
                 if vr_load_acquire_u16(&self.avail.idx) != vr_load_relaxed_u16(&self.used.idx):
                     continue
-                if slept and self.check is not None:
-                    self.check()          # still nothing after a wake-up: is anyone left?
+                if slept and self.check is not None and deadline < 0:
+                    # Blocked for good and still nothing: is anyone left?  (With
+                    # a timeout the caller gets Empty at the deadline, as with
+                    # multiprocessing, so drain loops keep working.)
+                    self.check()
                 rc = self._doze(self.kick_fd, deadline)
                 slept = True
             finally:

@@ -256,7 +256,7 @@ cdef int64_t _deadline(object timeout) except? -2:
         return -1
     t = float(timeout)
     if t < 0:
-        raise ValueError("timeout must be non-negative")
+        t = 0.0          # as multiprocessing: a negative timeout means "don't wait"
     return <int64_t>vr_now_ns() + <int64_t>(t * 1e9)
 
 

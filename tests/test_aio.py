@@ -712,6 +712,8 @@ def test_queue_peer_dead_when_peer_died_before_we_registered():
             assert child.join() == 0
         assert q.get(timeout=WAIT) == "bye"
         with pytest.raises(PeerDead):
-            q.get(timeout=2.0)          # Empty after 2 s instead
+            q.get()                     # blocked for good: the only other user is gone
+        with pytest.raises(Empty):
+            q.get(timeout=0.2)          # with a timeout: Empty, as multiprocessing
     finally:
         q.close()

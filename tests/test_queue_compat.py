@@ -766,32 +766,9 @@ class TestStdlib(_QueueBehaviour):
 class TestVringipc(_QueueBehaviour):
     IMPL = "vringipc"
 
-    XFAIL = {
-        "test_negative_timeout_is_non_blocking":
-            "BUG: vringipc raises ValueError('timeout must be non-negative') for a negative "
-            "timeout; multiprocessing treats it as 0 (Empty/Full at once)",
-        "test_large_maxsize":
-            "DIFFERENCE (undocumented in the module docstring): vringipc refuses maxsize > "
-            "32768 with ValueError; multiprocessing accepts any maxsize up to SEM_VALUE_MAX",
-        "test_simple_queue_closed_raises_oserror":
-            "DIFFERENCE: vringipc.SimpleQueue raises ValueError after close(); "
-            "mp.SimpleQueue raises OSError('handle is closed')",
-        "test_socket_through_queue":
-            "BUG: vringipc pickles with plain pickle, not multiprocessing's ForkingPickler: "
-            "its reducers (socket, Connection, DupFd...) are missing, put(socket) raises "
-            "TypeError",
-        "test_connection_through_queue":
-            "BUG: without ForkingPickler's reducer a Connection is pickled by its raw fd "
-            "number: the received copy shares (and on close/GC closes) that fd number, "
-            "closing the original here and an unrelated fd in another process",
-        "test_drain_with_timeout_after_workers_exited":
-            "BUG: a get() with a timeout raises PeerDead (a ConnectionError, not queue.Empty) "
-            "once every other process that used the queue has exited, even after a clean "
-            "exit: the common 'get(timeout=...) until Empty' drain loop crashes",
-        "test_consumer_waits_across_sequential_producers":
-            "BUG: the consumer raises PeerDead once the only process that ever used the queue "
-            "has exited, although the parent still holds the queue and starts another producer",
-    }
+    # Differences from multiprocessing that remain, each a strict xfail with
+    # its reason (the ones found earlier are fixed).
+    XFAIL: dict = {}
 
     def _new(self, kind, maxsize, ctx):
         if kind == "SimpleQueue":

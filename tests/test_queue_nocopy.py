@@ -191,10 +191,7 @@ def _hold_nocopy(q, pipe_up: Pipe, pipe_down: Pipe):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("reap", [True, pytest.param(False, marks=pytest.mark.xfail(
-    strict=True, reason="BUG: _reclaim() tests the holder with kill(tid, 0), which succeeds "
-                        "for a zombie: the pin of a killed consumer is kept until its parent "
-                        "reaps it"))], ids=["reaped", "zombie"])
+@pytest.mark.parametrize("reap", [True, pytest.param(False)], ids=["reaped", "zombie"])
 def test_pin_of_a_dead_consumer_is_reclaimed(q, reap):
     up, down = Pipe(), Pipe()
     k = None
@@ -220,10 +217,6 @@ def test_pin_of_a_dead_consumer_is_reclaimed(q, reap):
         down.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the pin records the consumer THREAD id (HELD[i] = gettid()), and _reclaim() "
-    "drops a pin whose tid no longer exists: an array obtained by get_nocopy() in a "
-    "worker thread that then exits is overwritten by later messages while still in use"))
 def test_nocopy_array_from_an_exited_thread_stays_pinned(q):
     q.put(np.full(N, -1.0))
     box = []

@@ -11,7 +11,8 @@ number of producer and consumer processes.  Differences, all deliberate:
   ``join_thread()``/``cancel_join_thread()`` are no-ops.
 * ``maxsize=0`` means "bounded by capacity" (bytes of the arena, default 64 MiB,
   and `num` messages in flight), not unbounded: a put that finds the queue full
-  blocks (or raises Full) as with a positive maxsize.  An object whose pickle
+  blocks (or raises Full) as with a positive maxsize.  The ring holds at most
+  32768 messages, so a larger maxsize acts as 32768.  An object whose pickle
   can never fit raises MessageTooLarge (a ValueError) at once.
 * ``qsize()`` works everywhere (it reads the ring indices) and is approximate,
   like the stdlib's.
@@ -47,7 +48,7 @@ from multiprocessing import reduction as _mp_reduction
 
 from vringipc import layout as L
 from vringipc import peers
-from vringipc._ring import QueueCore
+from vringipc._ring import QueueCore, _mp_dumps
 from vringipc.errors import Empty, Full, PeerDead  # noqa: F401  (re-exported names)
 from vringipc.ring import SharedRing, make_eventfd
 
@@ -111,8 +112,6 @@ class Queue:
             maxsize = 0
         if num is None:
             num = DEFAULT_NUM if maxsize <= 0 else min(32768, max(2, _next_pow2(maxsize)))
-        if maxsize > 32768:
-            raise ValueError("maxsize above 32768 items: use maxsize=0 and a byte capacity")
         side = _align(num * 12)
         ring = SharedRing.create(num=num, arena_size=capacity + side, indirect=False,
                                  event_idx=False, max_msg=min(capacity, 0xFFFFFFFF),
@@ -142,6 +141,8 @@ class Queue:
         self._core.deserialize = self._deserialize
         self._registered_pid = 0
         self._closed = False
+        if init:
+            self._register()               # the creator counts as a user (it may put)
         if dumps is None and not self._joinable:
             # Hot path: q.put / q.get are the Cython methods themselves (they
             # pickle, register this process once, and check closed).
@@ -227,7 +228,7 @@ class Queue:
         # Serialize before taking any lock (as the stdlib does).
         if self._dumps is None:
             bufs: list = []
-            main = _dumps(obj, 5, buffer_callback=bufs.append)
+            main = _mp_dumps(obj, bufs.append)
             if bufs:
                 bufs = [b.raw() for b in bufs]
             custom = False
@@ -329,6 +330,7 @@ class Queue:
         ring, join_fd, maxsize, dumps, loads, spin, joinable = state
         self._joinable = joinable
         self._setup(ring, join_fd.detach(), maxsize, dumps, loads, spin)
+        self._register()                   # a child that received it counts as a user
 
     def __del__(self):
         try:
@@ -364,13 +366,21 @@ class SimpleQueue:
     def __init__(self, *, ctx=None, **kw):
         self._q = Queue(0, **kw)
 
+    def _check(self) -> None:
+        # multiprocessing.SimpleQueue fails on its closed pipe: OSError
+        if self._q._closed:
+            raise OSError("handle is closed")
+
     def put(self, obj) -> None:
+        self._check()
         self._q.put(obj)
 
     def get(self):
+        self._check()
         return self._q.get()
 
     def empty(self) -> bool:
+        self._check()
         return self._q.empty()
 
     def close(self) -> None:
