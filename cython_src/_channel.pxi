@@ -57,51 +57,24 @@ cdef class ChannelSender:
                   uint64_t used_off, uint64_t win_off, uint64_t win_size, *,
                   uint64_t features=0, int kick_fd=-1, int call_fd=-1, spin_ns=DEFAULT_SPIN_NS):
         self.mapped = _Mapped(buffer)
-        check_ring_geometry(self.mapped.size, num, desc_off, avail_off, used_off, win_off, win_size)
-        memset(&self.d, 0, sizeof(vrd_t))
-        self.d.base = self.mapped.base
-        self.d.num = num
-        self.d.mask = num - 1
-        self.d.desc = <vr_desc *>(self.mapped.base + desc_off)
-        self.d.avail = <vr_avail *>(self.mapped.base + avail_off)
-        self.d.used = <vr_used *>(self.mapped.base + used_off)
-        self.d.used_event = vr_used_event(self.d.avail, num)
-        self.d.avail_event = vr_avail_event(self.d.used, num)
-        self.d.arena_lo = win_off
-        self.d.arena_hi = win_off + win_size
-        self.d.event_idx = (features >> VR_F_EVENT_IDX) & 1
+        _vrd_setup(&self.d, self.mapped, num, desc_off, avail_off, used_off, win_off, win_size,
+                   features)
         self.win_off = win_off
         self.win_size = win_size
-        self.d.link = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
-        self.d.ndesc = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
-        self.d.wcap = <uint32_t *>PyMem_RawCalloc(num, sizeof(uint32_t))
-        self.d.token = <uint64_t *>PyMem_RawCalloc(num, sizeof(uint64_t))
         self.f_head = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
         self.f_end = <uint64_t *>PyMem_RawCalloc(num, sizeof(uint64_t))
         self.f_prev = <uint64_t *>PyMem_RawCalloc(num, sizeof(uint64_t))
         self.f_state = <uint8_t *>PyMem_RawCalloc(num, 1)
         self.h_fifo = <uint32_t *>PyMem_RawCalloc(num, sizeof(uint32_t))
-        if not (self.d.link and self.d.ndesc and self.d.wcap and self.d.token and self.f_head
-                and self.f_end and self.f_prev and self.f_state and self.h_fifo):
+        if not (self.f_head and self.f_end and self.f_prev and self.f_state and self.h_fifo):
             raise MemoryError()
         self.kick_fd = kick_fd
         self.call_fd = call_fd
         self.peer_fd = -1
         self.spin_ns = spin_ns
-        cdef uint32_t k
-        cdef uint16_t base = vr_load_relaxed_u16(&self.d.avail.idx)
-        for k in range(num):
-            self.d.link[k] = <uint16_t>(k + 1)
-        self.d.num_free = num
-        self.d.avail_idx = self.d.published_idx = self.d.kicked_idx = base
-        self.d.last_used_idx = self.d.shadow_used_idx = base
-        vrd_disable_cb(&self.d)
 
     def __dealloc__(self):
-        PyMem_RawFree(self.d.link)
-        PyMem_RawFree(self.d.ndesc)
-        PyMem_RawFree(self.d.wcap)
-        PyMem_RawFree(self.d.token)
+        _vrd_free(&self.d)
         PyMem_RawFree(self.f_head)
         PyMem_RawFree(self.f_end)
         PyMem_RawFree(self.f_prev)
@@ -482,41 +455,18 @@ cdef class ChannelReceiver:
                   uint64_t features=0, uint64_t max_msg=0xffffffff, uint32_t max_iov=1024,
                   int kick_fd=-1, int call_fd=-1, spin_ns=DEFAULT_SPIN_NS):
         self.mapped = _Mapped(buffer)
-        check_ring_geometry(self.mapped.size, num, desc_off, avail_off, used_off, win_off, win_size)
-        memset(&self.h, 0, sizeof(vrh_t))
-        self.h.base = self.mapped.base
-        self.h.num = num
-        self.h.mask = num - 1
-        self.h.desc = <vr_desc *>(self.mapped.base + desc_off)
-        self.h.avail = <vr_avail *>(self.mapped.base + avail_off)
-        self.h.used = <vr_used *>(self.mapped.base + used_off)
-        self.h.used_event = vr_used_event(self.h.avail, num)
-        self.h.avail_event = vr_avail_event(self.h.used, num)
-        self.h.arena_lo = win_off
-        self.h.arena_hi = win_off + win_size
-        self.h.event_idx = (features >> VR_F_EVENT_IDX) & 1
-        self.h.indirect = (features >> VR_F_INDIRECT_DESC) & 1
-        self.h.max_msg = max_msg
-        self.h.max_iov = max_iov
-        self.h.inflight = <uint8_t *>PyMem_RawCalloc(num, 1)
-        self.h.wcap = <uint32_t *>PyMem_RawCalloc(num, sizeof(uint32_t))
-        self.h.fetched = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
-        self.h.fetch_pos = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
+        _vrh_setup(&self.h, self.mapped, num, desc_off, avail_off, used_off, win_off, win_size,
+                   features, max_msg, max_iov, False)
         self.batch = <vr_used_elem *>PyMem_RawCalloc(num, sizeof(vr_used_elem))
-        if not (self.h.inflight and self.h.wcap and self.h.fetched and self.h.fetch_pos and self.batch):
+        if self.batch == NULL:
             raise MemoryError()
-        cdef uint16_t base = vr_load_relaxed_u16(&self.h.used.idx)
-        self.h.last_avail_idx = self.h.shadow_avail_idx = self.h.last_used_idx = base
         self.kick_fd = kick_fd
         self.call_fd = call_fd
         self.peer_fd = -1
         self.spin_ns = spin_ns
 
     def __dealloc__(self):
-        PyMem_RawFree(self.h.inflight)
-        PyMem_RawFree(self.h.wcap)
-        PyMem_RawFree(self.h.fetched)
-        PyMem_RawFree(self.h.fetch_pos)
+        _vrh_free(&self.h)
         PyMem_RawFree(self.batch)
         PyMem_RawFree(self.riov.seg)
 

@@ -314,6 +314,99 @@ cdef class _Mapped:
             self.release()
 
 
+cdef int _vrh_setup(vrh_t *h, _Mapped m, uint32_t num, uint64_t desc_off, uint64_t avail_off,
+                    uint64_t used_off, uint64_t arena_off, uint64_t arena_size, uint64_t features,
+                    uint64_t max_msg, uint32_t max_iov, bint trusted) except -1:
+    """Validate the geometry and fill a host state over mapping m (one place
+    for VringHost and ChannelReceiver).  Resumes at the current used idx."""
+    check_ring_geometry(m.size, num, desc_off, avail_off, used_off, arena_off, arena_size)
+    if max_iov < 1 or max_iov > 65536:
+        raise ValueError("max_iov must be in 1..65536")
+    memset(h, 0, sizeof(vrh_t))
+    h.base = m.base
+    h.num = num
+    h.mask = num - 1
+    h.desc = <vr_desc *>(m.base + desc_off)
+    h.avail = <vr_avail *>(m.base + avail_off)
+    h.used = <vr_used *>(m.base + used_off)
+    h.used_event = vr_used_event(h.avail, num)
+    h.avail_event = vr_avail_event(h.used, num)
+    h.arena_lo = arena_off
+    h.arena_hi = arena_off + arena_size
+    h.event_idx = (features >> VR_F_EVENT_IDX) & 1
+    h.indirect = (features >> VR_F_INDIRECT_DESC) & 1
+    h.trusted = trusted
+    h.max_msg = max_msg
+    h.max_iov = max_iov
+    h.inflight = <uint8_t *>PyMem_RawCalloc(num, 1)
+    h.wcap = <uint32_t *>PyMem_RawCalloc(num, sizeof(uint32_t))
+    h.fetched = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
+    h.fetch_pos = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
+    if not (h.inflight and h.wcap and h.fetched and h.fetch_pos):
+        raise MemoryError()
+    h.last_avail_idx = h.shadow_avail_idx = h.last_used_idx = vr_load_relaxed_u16(&h.used.idx)
+    return 0
+
+
+cdef void _vrh_free(vrh_t *h) noexcept:
+    PyMem_RawFree(h.inflight)
+    PyMem_RawFree(h.wcap)
+    PyMem_RawFree(h.fetched)
+    PyMem_RawFree(h.fetch_pos)
+    h.inflight = NULL
+    h.wcap = NULL
+    h.fetched = NULL
+    h.fetch_pos = NULL
+
+
+cdef int _vrd_setup(vrd_t *d, _Mapped m, uint32_t num, uint64_t desc_off, uint64_t avail_off,
+                    uint64_t used_off, uint64_t arena_off, uint64_t arena_size,
+                    uint64_t features) except -1:
+    """Validate the geometry and fill a driver state over mapping m (one place
+    for VringDriver and ChannelSender): every descriptor free, starting at the
+    current avail idx, callbacks disabled."""
+    cdef uint32_t k
+    cdef uint16_t base
+    check_ring_geometry(m.size, num, desc_off, avail_off, used_off, arena_off, arena_size)
+    memset(d, 0, sizeof(vrd_t))
+    d.base = m.base
+    d.num = num
+    d.mask = num - 1
+    d.desc = <vr_desc *>(m.base + desc_off)
+    d.avail = <vr_avail *>(m.base + avail_off)
+    d.used = <vr_used *>(m.base + used_off)
+    d.used_event = vr_used_event(d.avail, num)
+    d.avail_event = vr_avail_event(d.used, num)
+    d.arena_lo = arena_off
+    d.arena_hi = arena_off + arena_size
+    d.event_idx = (features >> VR_F_EVENT_IDX) & 1
+    d.link = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
+    d.ndesc = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
+    d.wcap = <uint32_t *>PyMem_RawCalloc(num, sizeof(uint32_t))
+    d.token = <uint64_t *>PyMem_RawCalloc(num, sizeof(uint64_t))
+    if not (d.link and d.ndesc and d.wcap and d.token):
+        raise MemoryError()
+    for k in range(num):
+        d.link[k] = <uint16_t>(k + 1)
+    d.num_free = num
+    base = vr_load_relaxed_u16(&d.avail.idx)
+    d.avail_idx = d.published_idx = d.kicked_idx = base
+    d.last_used_idx = d.shadow_used_idx = base
+    vrd_disable_cb(d)
+    return 0
+
+
+cdef void _vrd_free(vrd_t *d) noexcept:
+    PyMem_RawFree(d.link)
+    PyMem_RawFree(d.ndesc)
+    PyMem_RawFree(d.wcap)
+    PyMem_RawFree(d.token)
+    d.link = NULL
+    d.ndesc = NULL
+    d.wcap = NULL
+    d.token = NULL
+
+
 cdef class Iov:
     """A chain's readable (riov) or writable (wiov) segments, with a cursor.
 
@@ -447,31 +540,10 @@ cdef class VringHost:
                   uint32_t max_iov=DEFAULT_MAX_IOV, bint trusted=False,
                   int kick_fd=-1, int call_fd=-1, spin_ns=DEFAULT_SPIN_NS):
         self.mapped = _Mapped(buffer)
-        check_ring_geometry(self.mapped.size, num, desc_off, avail_off, used_off, arena_off, arena_size)
-        if max_iov < 1 or max_iov > 65536:
-            raise ValueError("max_iov must be in 1..65536")
-        memset(&self.h, 0, sizeof(vrh_t))
-        self.h.base = self.mapped.base
-        self.h.num = num
-        self.h.mask = num - 1
-        self.h.desc = <vr_desc *>(self.mapped.base + desc_off)
-        self.h.avail = <vr_avail *>(self.mapped.base + avail_off)
-        self.h.used = <vr_used *>(self.mapped.base + used_off)
-        self.h.used_event = vr_used_event(self.h.avail, num)
-        self.h.avail_event = vr_avail_event(self.h.used, num)
-        self.h.arena_lo = arena_off
-        self.h.arena_hi = arena_off + arena_size
-        self.h.event_idx = (features >> VR_F_EVENT_IDX) & 1
-        self.h.indirect = (features >> VR_F_INDIRECT_DESC) & 1
-        self.h.trusted = trusted
-        self.h.max_msg = max_msg
-        self.h.max_iov = max_iov
-        self.h.inflight = <uint8_t *>PyMem_RawCalloc(num, 1)
-        self.h.wcap = <uint32_t *>PyMem_RawCalloc(num, sizeof(uint32_t))
-        self.h.fetched = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
-        self.h.fetch_pos = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
+        _vrh_setup(&self.h, self.mapped, num, desc_off, avail_off, used_off, arena_off,
+                   arena_size, features, max_msg, max_iov, trusted)
         self._batch = <vr_used_elem *>PyMem_RawCalloc(num, sizeof(vr_used_elem))
-        if not (self.h.inflight and self.h.wcap and self.h.fetched and self.h.fetch_pos and self._batch):
+        if self._batch == NULL:
             raise MemoryError()
         self.kick_fd = kick_fd
         self.call_fd = call_fd
@@ -481,10 +553,7 @@ cdef class VringHost:
         self.set_base(vr_load_relaxed_u16(&self.h.used.idx))
 
     def __dealloc__(self):
-        PyMem_RawFree(self.h.inflight)
-        PyMem_RawFree(self.h.wcap)
-        PyMem_RawFree(self.h.fetched)
-        PyMem_RawFree(self.h.fetch_pos)
+        _vrh_free(&self.h)
         PyMem_RawFree(self._batch)
 
     def set_base(self, uint16_t idx):
@@ -735,19 +804,8 @@ cdef class VringDriver:
                   uint64_t features=0, indirect_pool=None, uint64_t slot_size=0,
                   int kick_fd=-1, int call_fd=-1, spin_ns=DEFAULT_SPIN_NS):
         self.mapped = _Mapped(buffer)
-        check_ring_geometry(self.mapped.size, num, desc_off, avail_off, used_off, arena_off, arena_size)
-        memset(&self.d, 0, sizeof(vrd_t))
-        self.d.base = self.mapped.base
-        self.d.num = num
-        self.d.mask = num - 1
-        self.d.desc = <vr_desc *>(self.mapped.base + desc_off)
-        self.d.avail = <vr_avail *>(self.mapped.base + avail_off)
-        self.d.used = <vr_used *>(self.mapped.base + used_off)
-        self.d.used_event = vr_used_event(self.d.avail, num)
-        self.d.avail_event = vr_avail_event(self.d.used, num)
-        self.d.arena_lo = arena_off
-        self.d.arena_hi = arena_off + arena_size
-        self.d.event_idx = (features >> VR_F_EVENT_IDX) & 1
+        _vrd_setup(&self.d, self.mapped, num, desc_off, avail_off, used_off, arena_off,
+                   arena_size, features)
         if slot_size and slot_size * num > arena_size:
             raise ValueError(f"{num} slots of {slot_size} bytes do not fit in an arena of {arena_size}")
         self.d.slot_size = slot_size
@@ -760,14 +818,10 @@ cdef class VringDriver:
             self.d.ind_off = ind_off
             self.d.ind_entries = ind_entries
             self.d.indirect = True
-        self.d.link = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
-        self.d.ndesc = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
-        self.d.wcap = <uint32_t *>PyMem_RawCalloc(num, sizeof(uint32_t))
-        self.d.token = <uint64_t *>PyMem_RawCalloc(num, sizeof(uint64_t))
         self._heads = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
         self._segs_cap = 64
         self._segs = <vr_seg *>PyMem_RawMalloc(self._segs_cap * sizeof(vr_seg))
-        if not (self.d.link and self.d.ndesc and self.d.wcap and self.d.token and self._segs and self._heads):
+        if not (self._segs and self._heads):
             raise MemoryError()
         self._tokens = [None] * num
         self.kick_fd = kick_fd
@@ -776,10 +830,7 @@ cdef class VringDriver:
         self.set_base(vr_load_relaxed_u16(&self.d.avail.idx))
 
     def __dealloc__(self):
-        PyMem_RawFree(self.d.link)
-        PyMem_RawFree(self.d.ndesc)
-        PyMem_RawFree(self.d.wcap)
-        PyMem_RawFree(self.d.token)
+        _vrd_free(&self.d)
         PyMem_RawFree(self._segs)
         PyMem_RawFree(self._heads)
 
