@@ -4,7 +4,8 @@ Process A sends a payload over link 1, process B receives it and sends the
 same bytes back over link 2, A receives them: one round trip, timed with
 perf_counter_ns around send + recv.  Each run forks a fresh pair (pinned as
 asked), connects, warms up for ``warmup`` seconds (at least 20 round trips),
-then measures for ``duration`` seconds or ``max_samples`` round trips.  The
+then measures for ``duration`` seconds (and at least MIN_SAMPLES round trips
+unless that takes 4 x duration) or ``max_samples`` round trips.  The
 samples go into an HDR histogram (the ``hdrhistogram`` package, 3 significant
 digits) after the run, so nothing but two clock reads is added to the path.
 
@@ -34,6 +35,7 @@ __all__ = ["LatencyConfig", "new_histogram", "hist_from_samples", "hist_stats",
 PCTS = (50.0, 90.0, 99.0, 99.9, 99.99)
 PCT_KEYS = ("p50", "p90", "p99", "p99.9", "p99.99", "max")
 HIGHEST_NS = 60_000_000_000          # 60 s
+MIN_SAMPLES = 50                     # per run, unless that takes 4x the run's duration
 
 
 @dataclass
@@ -143,7 +145,10 @@ def _ping(ctl, link_out, link_in, payload, cfg_tuple):
     samples = array.array("q", bytes(8 * max_samples))
     sched = array.array("q", bytes(8 * max_samples)) if rate else None
     n = 0
-    t_stop = pc() + int(duration * 1e9)
+    t_begin = pc()
+    t_stop = t_begin + int(duration * 1e9)
+    # at least MIN_SAMPLES round trips, unless that takes 4x the duration
+    t_hard = t_begin + int(4 * duration * 1e9)
     if not rate:
         while n < max_samples:
             t0 = pc()
@@ -154,7 +159,7 @@ def _ping(ctl, link_out, link_in, payload, cfg_tuple):
             n += 1
             if len(r) != payload:
                 raise AssertionError(f"reply of {len(r)} bytes, sent {payload}")
-            if t1 >= t_stop:
+            if t1 >= t_stop and (n >= MIN_SAMPLES or t1 >= t_hard):
                 break
     else:
         interval = 1e9 / rate
@@ -177,7 +182,7 @@ def _ping(ctl, link_out, link_in, payload, cfg_tuple):
             n += 1
             if len(r) != payload:
                 raise AssertionError(f"reply of {len(r)} bytes, sent {payload}")
-            if t1 >= t_stop:
+            if t1 >= t_stop and (n >= MIN_SAMPLES or t1 >= t_hard):
                 break
     send(T.SENTINEL)
     recv()                              # B's echo of the stop: it has seen everything

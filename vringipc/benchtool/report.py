@@ -216,19 +216,26 @@ def summary(latency: list, throughput: list, baseline: str = "vringipc.Channel")
     tp = []
     groups = {}
     for r in throughput:
-        groups.setdefault((r["payload"], r["policy"], r["producers"], r["consumers"]), []).append(r)
-    for (payload, policy, n, m), rs in groups.items():
+        # a transport measured without the group's policy (iceoryx2: spin only)
+        # is compared within its shape and API all the same, marked by its policy
+        groups.setdefault((r["payload"], r["api"], r["producers"], r["consumers"]), []).append(r)
+    for (payload, api, n, m), rs in groups.items():
         base = [r for r in rs if r["transport"] == baseline]
-        b = max((r["msgs_per_s"]["median"] for r in base), default=None)
-        best = {}
-        for r in rs:
-            v = r["msgs_per_s"]["median"]
-            key = r["transport"] + ("" if r["api"] == "single" else " (batch)")
-            best[key] = v
-        tp.append({"payload": payload, "policy": policy, "producers": n, "consumers": m,
-                   "baseline_msgs_per_s": b, "msgs_per_s": best,
-                   "ratio": {k: (b / v if b and v else None) for k, v in best.items()
-                             if not k.startswith(baseline)}})
+        for bpol in sorted({r["policy"] for r in base}) or [None]:
+            b = next((r["msgs_per_s"]["median"] for r in base if r["policy"] == bpol), None)
+            figs = {}
+            for r in rs:
+                if r["transport"] == baseline and r["policy"] != bpol:
+                    continue
+                if r["policy"] != bpol and any(x["transport"] == r["transport"]
+                                               and x["policy"] == bpol for x in rs):
+                    continue
+                key = r["transport"] + ("" if r["policy"] == bpol else f" [{r['policy']}]")
+                figs[key] = r["msgs_per_s"]["median"]
+            tp.append({"payload": payload, "api": api, "policy": bpol, "producers": n,
+                       "consumers": m, "baseline_msgs_per_s": b, "msgs_per_s": figs,
+                       "ratio": {k: (b / v if b and v else None) for k, v in figs.items()
+                                 if k != baseline}})
     return {"baseline": baseline, "latency": lat, "throughput": tp}
 
 
@@ -253,7 +260,7 @@ def summary_text(s: dict) -> str:
                 continue
             parts = [f"{t} {r:.1f}x" for t, r in sorted(g["ratio"].items(),
                                                           key=lambda kv: kv[1] or 0) if r]
-            out.append(f"  {fmt_size(g['payload']):>8} {g['policy']:<8} "
+            out.append(f"  {fmt_size(g['payload']):>8} {g['policy']:<8} {g['api']:<6} "
                        f"{g['producers']}x{g['consumers']} {base} "
                        f"{_rate(g['baseline_msgs_per_s'])} msgs/s: " + ", ".join(parts))
     return "\n".join(out)

@@ -744,7 +744,8 @@ class _IoxEnd(Endpoint):
         if self.pub is not None:
             for _ in range(1000):
                 self.pub.update_connections()
-                if self.service.dynamic_config.number_of_subscribers() >= 1:
+                n = self.service.dynamic_config.number_of_subscribers
+                if (n() if callable(n) else n) >= 1:
                     break
                 time.sleep(0.001)
 
