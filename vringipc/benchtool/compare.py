@@ -96,9 +96,9 @@ PRESETS = {
              runs=3, duration=0.15, warmup=0.05),
     ),
     "compare": (
-        dict(transports=["all"], payloads="8,512,32K,1M,16M", tp_payloads="64,4K,256K,4M",
+        dict(transports=["all"], payloads="64,4K,256K,16M", tp_payloads="64,4K,1M",
              policies="block,spin", tp_policies="block", apis="single,batch", runs=3,
-             duration=0.25, warmup=0.05, tp_duration=0.25),
+             duration=0.25, warmup=0.05, tp_duration=0.2),
         dict(transports=["all"], payloads="64,64K", tp_payloads="64,64K", policies="block,spin",
              tp_policies="block", apis="single,batch", runs=3, duration=0.1, warmup=0.03,
              tp_duration=0.12),
