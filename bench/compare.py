@@ -20,7 +20,8 @@ from vringipc.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    out = os.path.join(HERE, "results")
+    os.chdir(os.path.dirname(HERE))           # paths in the JSON relative to the repository
+    out = os.path.join("bench", "results")
     defaults = ["--out", out, "--json", os.path.join(out, "compare.json")]
     if "--hgrm-dir" not in args:
         defaults.append("--no-hgrm")

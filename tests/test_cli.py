@@ -34,6 +34,19 @@ TINY = ["--runs", "1", "--duration", "0.02", "--warmup", "0.005", "-q"]
 TINY_TP = ["--tp-duration", "0.03"]
 
 
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
+# The bench modes need the "bench" extra (hdrhistogram); the segment tools do not.
+needs_hdrh = pytest.mark.skipif(not _importable("hdrh"),
+                                reason="hdrhistogram not installed: pip install 'vringipc[bench]'")
+
+
 def run_cli(argv):
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
@@ -103,6 +116,7 @@ def test_help_explains_every_mode(capsys):
 
 # --- HDR histograms ------------------------------------------------------------------------
 
+@needs_hdrh
 def test_coordinated_omission_correction():
     # 9 round trips of 1 us and one stall of 100 us at a 1 us schedule: the
     # stall hid 99 round trips that would have been started meanwhile
@@ -118,6 +132,7 @@ def test_coordinated_omission_correction():
 
 # --- the bench modes end to end -------------------------------------------------------------
 
+@needs_hdrh
 @pytest.mark.timeout(60)
 def test_latency_end_to_end(tmp_path):
     code, out, err = run_cli(["bench", "latency", "--quick", "--payload", "64,4K",
@@ -143,6 +158,7 @@ def test_latency_end_to_end(tmp_path):
         assert (tmp_path / "latency_percentiles_64B.png").exists()
 
 
+@needs_hdrh
 @pytest.mark.timeout(60)
 def test_fixed_rate_mode(tmp_path):
     code, out, err = run_cli(["bench", "latency", "--payload", "64", "--policy", "block",
@@ -157,6 +173,7 @@ def test_fixed_rate_mode(tmp_path):
     assert "coordinated omission" in out
 
 
+@needs_hdrh
 @pytest.mark.timeout(60)
 def test_throughput_end_to_end(tmp_path):
     code, out, err = run_cli(["bench", "throughput", "-t", "vringipc.Channel,vringipc.Queue",
@@ -177,6 +194,7 @@ def test_throughput_end_to_end(tmp_path):
             "reason": "no batch API"} in doc["skipped"]
 
 
+@needs_hdrh
 @pytest.mark.timeout(90)
 def test_compare_quick_end_to_end(tmp_path):
     code, out, err = run_cli(["bench", "compare", "--quick",
@@ -207,6 +225,7 @@ def test_compare_quick_end_to_end(tmp_path):
         pytest.skip("matplotlib not installed: plot files not checked")
 
 
+@needs_hdrh
 @pytest.mark.timeout(60)
 def test_missing_optional_peers_are_skipped(tmp_path, monkeypatch):
     # an installed package made unimportable: sys.modules[name] = None
@@ -229,6 +248,7 @@ def test_missing_optional_peers_are_skipped(tmp_path, monkeypatch):
     assert "skipped pyzmq" in out
 
 
+@needs_hdrh
 @pytest.mark.timeout(60)
 def test_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -241,6 +261,7 @@ def test_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     assert doc["files"]["plots"] == [] and doc["latency"]
 
 
+@needs_hdrh
 @pytest.mark.timeout(60)
 def test_user_adapter_plugin(tmp_path):
     plugin = tmp_path / "my_transports.py"
@@ -271,6 +292,7 @@ def test_user_adapter_plugin(tmp_path):
     assert any(r["transport"] == "test.simplequeue" for r in doc["throughput"])
 
 
+@needs_hdrh
 @pytest.mark.timeout(60)
 def test_python_dash_m_vringipc(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -96,7 +96,7 @@ PRESETS = {
              runs=3, duration=0.15, warmup=0.05),
     ),
     "compare": (
-        dict(transports=["all"], payloads="64,4K,256K,16M", tp_payloads="64,4K,1M",
+        dict(transports=["all"], payloads="64,4K,64K,1M", tp_payloads="64,4K,1M",
              policies="block,spin", tp_policies="block", apis="single,batch", runs=3,
              duration=0.25, warmup=0.05, tp_duration=0.2),
         dict(transports=["all"], payloads="64,64K", tp_payloads="64,64K", policies="block,spin",
@@ -223,8 +223,8 @@ def run(mode: str, args, argv: list, out=None) -> int:
     total = runs * (len(lat_cases) + len(tp_cases))
     progress = report.Progress(total, enabled=not args.quiet)
     if not args.quiet:
-        est = runs * (len(lat_cases) * (duration + warmup + 0.15)
-                      + len(tp_cases) * (tp_duration + warmup + 0.2))
+        est = runs * (len(lat_cases) * (duration + warmup + 0.25)
+                      + len(tp_cases) * (tp_duration + warmup + 0.3))
         progress.note(f"vringipc bench {mode}: {len(lat_cases)} latency and {len(tp_cases)} "
                       f"throughput cases x {runs} runs, about {est:.0f} s "
                       f"(pinning: {pin}{' ' + ','.join(map(str, cpus)) if cpus else ''})")

@@ -3,7 +3,7 @@
 Process A sends a payload over link 1, process B receives it and sends the
 same bytes back over link 2, A receives them: one round trip, timed with
 perf_counter_ns around send + recv.  Each run forks a fresh pair (pinned as
-asked), connects, warms up for ``warmup`` seconds (at least 20 round trips),
+asked), connects, warms up for ``warmup`` seconds (at least MIN_WARMUP round trips),
 then measures for ``duration`` seconds (and at least MIN_SAMPLES round trips
 unless that takes 4 x duration) or ``max_samples`` round trips.  The
 samples go into an HDR histogram (the ``hdrhistogram`` package, 3 significant
@@ -36,6 +36,7 @@ PCTS = (50.0, 90.0, 99.0, 99.9, 99.99)
 PCT_KEYS = ("p50", "p90", "p99", "p99.9", "p99.99", "max")
 HIGHEST_NS = 60_000_000_000          # 60 s
 MIN_SAMPLES = 50                     # per run, unless that takes 4x the run's duration
+MIN_WARMUP = 5                       # round trips of warm-up at least
 
 
 @dataclass
@@ -136,7 +137,7 @@ def _ping(ctl, link_out, link_in, payload, cfg_tuple):
     # warm-up
     stop = pc() + int(warmup * 1e9)
     k = 0
-    while k < 20 or pc() < stop:
+    while k < MIN_WARMUP or pc() < stop:
         send(msg)
         r = recv()
         if len(r) != payload:

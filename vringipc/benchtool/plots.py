@@ -43,6 +43,10 @@ def _plt():
 _STYLE = {"block": "-", "spin": "--", "adaptive": ":"}
 
 
+def _width(transport: str) -> float:
+    return 2.4 if transport.startswith("vringipc.") else 1.3
+
+
 def _colors(names):
     import matplotlib
     cmap = matplotlib.colormaps.get_cmap("tab10")
@@ -90,7 +94,7 @@ def plot_latency_percentiles(doc, out_dir) -> list[str]:
             if not xs:
                 continue
             ax.plot(xs, ys, _STYLE.get(r["policy"], "-"), color=colors[r["transport"]],
-                    label=f"{r['transport']} [{r['policy']}]", linewidth=1.4)
+                    label=f"{r['transport']} [{r['policy']}]", linewidth=_width(r["transport"]))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ticks = [1, 2, 10, 100, 1000, 10000, 100000]
@@ -129,7 +133,7 @@ def plot_latency_vs_payload(doc, out_dir) -> list[str]:
         p99 = [r["percentiles"]["p99"]["median"] for r in rs]
         c = colors[t]
         ax.plot(xs, p50, _STYLE.get(pol, "-"), marker="o", markersize=3, color=c,
-                label=f"{t} [{pol}] p50")
+                label=f"{t} [{pol}] p50", linewidth=_width(t))
         ax.fill_between(xs, lo, hi, color=c, alpha=0.12)
         ax.plot(xs, p99, ":", color=c, linewidth=0.8, alpha=0.7)
     _size_axis(ax, [r["payload"] for r in recs])
@@ -165,7 +169,8 @@ def plot_throughput_vs_payload(doc, out_dir) -> list[str]:
         style = "-." if api == "batch" else _STYLE.get(pol, "-")
         for ax, key in ((a1, "msgs_per_s"), (a2, "bytes_per_s")):
             ys = [r[key]["median"] for r in rs]
-            ax.plot(xs, ys, style, marker="o", markersize=3, color=colors[t], label=label)
+            ax.plot(xs, ys, style, marker="o", markersize=3, color=colors[t], label=label,
+                    linewidth=_width(t))
             ax.fill_between(xs, [r[key]["min"] for r in rs], [r[key]["max"] for r in rs],
                             color=colors[t], alpha=0.1)
     for ax, yl in ((a1, "messages/s"), (a2, "bytes/s")):
