@@ -136,7 +136,8 @@ def test_coordinated_omission_correction():
 @pytest.mark.timeout(60)
 def test_latency_end_to_end(tmp_path):
     code, out, err = run_cli(["bench", "latency", "--quick", "--payload", "64,4K",
-                              "--policy", "spin,block", "--out", str(tmp_path)] + TINY)
+                              "--policy", "spin,block", "--out", str(tmp_path),
+                              "--hgrm-dir", str(tmp_path / "hgrm")] + TINY)
     assert code == 0, out + err
     doc = json.loads((tmp_path / "latency.json").read_text())
     assert R.validate(doc, documented_fields()) == []
@@ -151,8 +152,11 @@ def test_latency_end_to_end(tmp_path):
         assert os.path.exists(r["hgrm"])
         with open(r["hgrm"]) as f:
             assert "Percentile" in f.readline()
-        assert L.decode(r["hdr"]).get_total_count() == r["samples"]
+        h = L.decode(r["hdr"])
+        assert h.get_total_count() == r["samples"]
+        assert r["combined"]["mean"] == pytest.approx(h.get_mean_value() / 1000, rel=0.01)
     assert "p99.99" in out and "vringipc.Channel" in out
+    assert len(list((tmp_path / "hgrm").glob("*.hgrm"))) == 4
     if has_matplotlib():
         assert (tmp_path / "latency_vs_payload.png").stat().st_size > 1000
         assert (tmp_path / "latency_percentiles_64B.png").exists()
@@ -187,9 +191,11 @@ def test_throughput_end_to_end(tmp_path):
                    ("vringipc.Channel", "single", 2), ("vringipc.Channel", "batch", 2),
                    ("vringipc.Queue", "single", 1), ("vringipc.Queue", "single", 2)}
     for r in doc["throughput"]:
-        assert r["msgs_per_s"]["median"] > 0 and r["messages_per_run"][0] > 0
+        # (a 20 ms window may see no message on a loaded machine: only >= 0)
+        assert r["messages_per_run"][0] > 0 and r["msgs_per_s"]["median"] >= 0
         assert r["bytes_per_s"]["median"] == pytest.approx(r["msgs_per_s"]["median"] * 64)
-        assert r["cpu_ns_per_msg"]["median"] > 0
+        cpu = r["cpu_ns_per_msg"]["median"]
+        assert cpu is None or cpu > 0
     assert {"transport": "vringipc.Queue", "case": "throughput, batch API, 1x1",
             "reason": "no batch API"} in doc["skipped"]
 
@@ -204,6 +210,7 @@ def test_compare_quick_end_to_end(tmp_path):
     assert code == 0, out + err
     doc = json.loads((tmp_path / "compare.json").read_text())
     assert R.validate(doc, documented_fields()) == []
+    assert doc["files"]["hgrm"] == [] and not (tmp_path / "hgrm").exists()   # --quick
     assert doc["settings"]["quick"] is True
     lat = {(r["transport"], r["policy"]) for r in doc["latency"]}
     assert ("vringipc.Channel", "spin") in lat and ("os.pipe", "block") in lat

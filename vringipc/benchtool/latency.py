@@ -78,15 +78,18 @@ def hist_from_samples(samples_ns, interval_ns: int = 0):
     return h
 
 
-def hist_stats(h) -> dict:
-    """Percentiles (microseconds) of a histogram of nanoseconds."""
+def hist_stats(h, mean_ns: float | None = None) -> dict:
+    """Percentiles (microseconds) of a histogram of nanoseconds.  The mean is
+    taken from mean_ns when the caller knows it exactly (the raw samples):
+    hdrhistogram's get_mean_value walks every bucket in Python."""
     n = h.get_total_count()
     if n == 0:
         return {k: None for k in PCT_KEYS} | {"min": None, "mean": None, "n": 0}
-    out = {f"p{p:g}": h.get_value_at_percentile(p) / 1000.0 for p in PCTS}
+    vals = h.get_percentile_to_value_dict(list(PCTS))
+    out = {f"p{p:g}": vals[p] / 1000.0 for p in PCTS}
     out["max"] = h.get_max_value() / 1000.0
     out["min"] = h.get_min_value() / 1000.0
-    out["mean"] = h.get_mean_value() / 1000.0
+    out["mean"] = (h.get_mean_value() if mean_ns is None else mean_ns) / 1000.0
     out["n"] = int(n)
     return out
 
@@ -108,15 +111,21 @@ def spread(values) -> dict:
     return {"median": float(np.median(v)), "min": min(v), "max": max(v), "runs": v}
 
 
-def summarize_runs(run_hists) -> tuple[dict, object]:
+def summarize_runs(run_hists, run_means=None) -> tuple[dict, object, float | None]:
     """(percentiles: median/min/max/runs of every percentile over the runs,
-    the combined histogram of all runs)."""
-    stats = [hist_stats(h) for h in run_hists]
+    the combined histogram of all runs, its mean in ns if run_means given)."""
+    means = run_means or [None] * len(run_hists)
+    stats = [hist_stats(h, m) for h, m in zip(run_hists, means)]
     pct = {k: spread([s[k] for s in stats]) for k in PCT_KEYS + ("mean",)}
     combined = new_histogram()
     for h in run_hists:
         combined.add(h)
-    return pct, combined
+    cmean = None
+    if run_means:
+        counts = [h.get_total_count() for h in run_hists]
+        if sum(counts):
+            cmean = sum(m * c for m, c in zip(run_means, counts)) / sum(counts)
+    return pct, combined, cmean
 
 
 # --- the two processes ----------------------------------------------------------------
@@ -256,6 +265,7 @@ def run_latency(cases, cfg: LatencyConfig, progress=None, errors=None) -> list[d
     exception propagates."""
     per_case: dict = {c: [] for c in cases}
     sched_case: dict = {c: [] for c in cases}
+    mean_case: dict = {c: [] for c in cases}
     cpus_used: dict = {}
     failed: set = set()
     for r in range(cfg.runs):
@@ -279,6 +289,8 @@ def run_latency(cases, cfg: LatencyConfig, progress=None, errors=None) -> list[d
                 continue
             interval = int(1e9 / cfg.rate) if cfg.rate else 0
             per_case[c].append(hist_from_samples(res["samples"], interval))
+            if not interval:         # exact mean of the raw samples (not corrected ones)
+                mean_case[c].append(float(res["samples"].mean()) if res["samples"].size else 0.0)
             if res["schedule"] is not None:
                 sched_case[c].append(hist_from_samples(res["schedule"]))
             cpus_used[c] = res["cpus"]
@@ -287,7 +299,7 @@ def run_latency(cases, cfg: LatencyConfig, progress=None, errors=None) -> list[d
         if c in failed:
             continue
         tcls, payload, policy = c
-        pct, combined = summarize_runs(per_case[c])
+        pct, combined, cmean = summarize_runs(per_case[c], mean_case[c] or None)
         rec = {
             "transport": tcls.name,
             "policy": policy,
@@ -300,12 +312,12 @@ def run_latency(cases, cfg: LatencyConfig, progress=None, errors=None) -> list[d
             "samples": int(combined.get_total_count()),
             "samples_per_run": [int(h.get_total_count()) for h in per_case[c]],
             "percentiles": pct,
-            "combined": hist_stats(combined),
+            "combined": hist_stats(combined, cmean),
             "hdr": encode(combined),
             "hgrm": None,
         }
         if cfg.rate:
-            _, sc = summarize_runs(sched_case[c])
+            _, sc, _ = summarize_runs(sched_case[c])
             rec["from_schedule"] = hist_stats(sc)
         out.append(rec)
     return out

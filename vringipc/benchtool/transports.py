@@ -212,7 +212,7 @@ def get(name: str) -> type:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown transport {name!r}; known: {', '.join(_REGISTRY)}") from None
+        raise ValueError(f"unknown transport {name!r}; known: {', '.join(_REGISTRY)}") from None
 
 
 def all_transports() -> list[type]:
