@@ -114,6 +114,17 @@ def test_help_explains_every_mode(capsys):
         assert word in out
 
 
+def test_pinning_plans():
+    from vringipc.benchtool.procs import cpu_plan, cpu_plan_pc, resolve_pin
+    assert resolve_pin("auto", "spin") == "split" and resolve_pin("auto", "block") == "none"
+    assert resolve_pin("same", "spin") == "same"
+    assert cpu_plan("split", 2, [4, 6]) == [4, 6]
+    assert cpu_plan("same", 3, [4, 6]) == [4, 4, 4]
+    assert cpu_plan("none", 2, [4, 6]) == [None, None]
+    # each producer -> consumer pair crosses CPUs
+    assert cpu_plan_pc("split", 2, 2, [0, 1]) == ([0, 1], [1, 0])
+
+
 # --- HDR histograms ------------------------------------------------------------------------
 
 @needs_hdrh

@@ -40,9 +40,11 @@ def _add_common(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
     g.add_argument("--warmup", type=float, metavar="S", help="seconds of warm-up per run")
     g.add_argument("--max-samples", type=int, default=500_000, metavar="N",
                    help="round trips recorded per run at most (default 500000)")
-    g.add_argument("--pin", choices=("split", "same", "none"), default="split",
-                   help="CPU pinning: split = the processes on different CPUs (default), same = "
-                        "all on one CPU, none = let the scheduler place them")
+    g.add_argument("--pin", choices=("auto", "split", "same", "none"), default="auto",
+                   help="CPU pinning: split = the processes on different CPUs, same = all on "
+                        "one CPU, none = let the scheduler place them; auto (default) = split "
+                        "for the spin and adaptive policies (a spinner needs its own CPU), none "
+                        "for block (a woken process is fastest where its waker runs)")
     g.add_argument("--cpus", metavar="LIST", help="CPUs to pin to, e.g. 2,3 (default: this "
                                                  "process's affinity)")
     g.add_argument("--timeout", type=float, default=120.0, metavar="S",

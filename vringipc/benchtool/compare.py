@@ -163,8 +163,8 @@ def run(mode: str, args, argv: list, out=None) -> int:
     topologies = parse_topologies(getattr(args, "topology", None) or "1x1") if do_tp else []
     tp_duration = (getattr(args, "tp_duration", None) or preset.get("tp_duration") or duration)
     cpus = [int(c) for c in _csv(args.cpus)] if args.cpus else None
-    if args.pin == "split" and not cpus and len(os.sched_getaffinity(0)) < 2:
-        pin = "none"
+    if args.pin in ("split", "auto") and not cpus and len(os.sched_getaffinity(0)) < 2:
+        pin = "none"                     # one CPU: nothing to split
     else:
         pin = args.pin
 

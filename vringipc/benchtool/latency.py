@@ -20,14 +20,13 @@ latency measured from each round trip's *scheduled* start is reported too.
 from __future__ import annotations
 
 import array
-import base64
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from vringipc.benchtool import transports as T
-from vringipc.benchtool.procs import Group, cpu_plan
+from vringipc.benchtool.procs import Group, cpu_plan, resolve_pin
 
 __all__ = ["LatencyConfig", "new_histogram", "hist_from_samples", "hist_stats",
            "summarize_runs", "pingpong_once", "run_latency", "PCT_KEYS"]
@@ -48,7 +47,7 @@ class LatencyConfig:
     warmup: float = 0.2              # seconds of warm-up per run
     max_samples: int = 500_000       # per run
     rate: float | None = None        # fixed-rate mode: round trips per second
-    pin: str = "split"
+    pin: str = "auto"                # split, same, none, or auto (per wait policy)
     cpus: list | None = None
     timeout: float = 120.0
 
@@ -227,7 +226,7 @@ def _pong(ctl, link_in, link_out):
 
 def pingpong_once(tcls, payload: int, policy: str, cfg: LatencyConfig) -> dict:
     """One run: fork the pair, measure, return raw samples (ns)."""
-    plan = cpu_plan(cfg.pin, 2, cfg.cpus)
+    plan = cpu_plan(resolve_pin(cfg.pin, policy), 2, cfg.cpus)
     link1 = tcls(payload, policy, 2)
     try:
         link2 = tcls(payload, policy, 2)
@@ -303,7 +302,8 @@ def run_latency(cases, cfg: LatencyConfig, progress=None, errors=None) -> list[d
         rec = {
             "transport": tcls.name,
             "policy": policy,
-            "pinning": {"mode": cfg.pin, "cpus": cpus_used[c]},
+            "pinning": {"mode": resolve_pin(cfg.pin, policy), "requested": cfg.pin,
+                        "cpus": cpus_used[c]},
             "payload": payload,
             "mode": "fixed-rate" if cfg.rate else "pingpong",
             "rate": cfg.rate,

@@ -16,7 +16,8 @@ import sys
 import time
 import traceback
 
-__all__ = ["Ctl", "Child", "Group", "BenchError", "cpu_plan", "cpu_plan_pc"]
+__all__ = ["Ctl", "Child", "Group", "BenchError", "cpu_plan", "cpu_plan_pc", "resolve_pin",
+           "AUTO_PIN"]
 
 _HDR = struct.Struct("<Q")
 
@@ -189,3 +190,20 @@ def cpu_plan_pc(pin: str, nprod: int, ncons: int, cpus: list[int] | None = None)
         return [None] * nprod, [None] * ncons
     k = len(avail)
     return [avail[i % k] for i in range(nprod)], [avail[(j + 1) % k] for j in range(ncons)]
+
+
+# --pin auto: a spinning waiter needs a CPU of its own, so spin and adaptive
+# put the processes on different CPUs; a blocking waiter is woken fastest
+# where the waker runs (no cross-CPU wake-up: on a VM that is an IPI through
+# the hypervisor), so block leaves placement to the scheduler, which keeps
+# a ping-pong pair together.  Measured on the 2-vCPU development VM: 64 B
+# blocking round trip p50 ~7 us unpinned vs ~30 us split, p99 ~11 us vs ~2 ms.
+AUTO_PIN = {"spin": "split", "adaptive": "split", "block": "none"}
+
+
+def resolve_pin(pin: str, policy: str) -> str:
+    """The pinning a case runs with: `pin`, or for "auto" the one that suits
+    the wait policy (AUTO_PIN)."""
+    if pin == "auto":
+        return AUTO_PIN.get(policy, "split")
+    return pin

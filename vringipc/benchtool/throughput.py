@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from vringipc.benchtool import transports as T
 from vringipc.benchtool.latency import fmt_size, spread
-from vringipc.benchtool.procs import Group, cpu_plan_pc
+from vringipc.benchtool.procs import Group, cpu_plan_pc, resolve_pin
 
 __all__ = ["ThroughputConfig", "throughput_once", "run_throughput", "supports"]
 
@@ -43,7 +43,7 @@ class ThroughputConfig:
     runs: int = 5
     duration: float = 1.0
     warmup: float = 0.2
-    pin: str = "split"
+    pin: str = "auto"                # split, same, none, or auto (per wait policy)
     cpus: list | None = None
     timeout: float = 120.0
 
@@ -187,7 +187,7 @@ def throughput_once(tcls, payload, policy, api, nprod, ncons, cfg: ThroughputCon
     why = supports(tcls, api, nprod, ncons)
     if why:
         raise ValueError(f"{tcls.name}: {why}")
-    pplan, cplan = cpu_plan_pc(cfg.pin, nprod, ncons, cfg.cpus)
+    pplan, cplan = cpu_plan_pc(resolve_pin(cfg.pin, policy), nprod, ncons, cfg.cpus)
     depth = _depth(payload)
     batch = effective_batch(cfg.batch, payload)
     links = []
@@ -272,7 +272,8 @@ def run_throughput(cases, cfg: ThroughputConfig, progress=None, errors=None) -> 
         out.append({
             "transport": tcls.name,
             "policy": policy,
-            "pinning": {"mode": cfg.pin, "cpus": rs[-1]["cpus"]},
+            "pinning": {"mode": resolve_pin(cfg.pin, policy), "requested": cfg.pin,
+                        "cpus": rs[-1]["cpus"]},
             "api": api,
             "batch": effective_batch(cfg.batch, payload) if api == "batch" else 1,
             "producers": nprod,
