@@ -159,6 +159,10 @@ QUEUE_OFFSETS = {
 
 cdef enum:
     POS_BITS = 48
+    # message kinds (header word 1)
+    MSG_PICKLE = 0
+    MSG_CUSTOM = 1
+    MSG_RAW_BYTES = 2
 cdef uint64_t POS_MASK = (1ULL << 48) - 1
 
 cdef inline uint32_t _gettid() noexcept nogil:
@@ -266,6 +270,7 @@ cdef class QueueCore:
     cdef public uint64_t stolen_locks   # locks taken over from dead owners (diagnostics)
     cdef public object first_use        # callable run once per process before its first put/get
     cdef public object deserialize      # callable for messages that are not a plain pickle
+    cdef public int last_kind           # kind of the message get_raw returned as bytes
     cdef uint32_t registered_pid
 
     def __cinit__(self, buffer, uint32_t num, uint64_t desc_off, uint64_t avail_off,
@@ -569,11 +574,15 @@ cdef class QueueCore:
         if self.registered_pid != vr_getpid():
             self.first_use()
             self.registered_pid = vr_getpid()
+        if type(obj) is bytes:
+            # bytes travel as they are (kind 2): one copy in, one copy out
+            self.put_obj(obj, None, MSG_RAW_BYTES, block, timeout)
+            return
         bufs = []
         main = _mp_dumps(obj, bufs.append)
         if bufs:
             bufs = [b.raw() for b in bufs]
-        self.put_obj(main, bufs, False, block, timeout)
+        self.put_obj(main, bufs, MSG_PICKLE, block, timeout)
 
     def get(self, bint block=True, timeout=None):
         """Queue.get for the default pickle serializer."""
@@ -584,12 +593,14 @@ cdef class QueueCore:
             self.registered_pid = vr_getpid()
         msg = self.get_raw(block, timeout)
         if type(msg) is bytes:
-            return _pickle_loads(msg)
+            return msg if self.last_kind == MSG_RAW_BYTES else _pickle_loads(msg)
         return self.deserialize(msg)
 
-    def put_obj(self, main, list bufs, bint custom=False, bint block=True, timeout=None):
+    def put_obj(self, main, list bufs, int kind=MSG_PICKLE, bint block=True, timeout=None):
         """put_parts for a serialized object: writes the message header
-        (u32 nbufs, u32 custom, u64 len(main), u64 len(buf) each) itself."""
+        (u32 nbufs, u32 kind, u64 len(main), u64 len(buf) each) itself.
+        kind: MSG_PICKLE, MSG_CUSTOM (the queue's own dumps) or MSG_RAW_BYTES."""
+        cdef bint custom = kind != 0
         cdef Py_ssize_t nb = len(bufs) if bufs is not None else 0
         cdef Py_ssize_t i
         cdef uint64_t hdr[2]
@@ -601,7 +612,7 @@ cdef class QueueCore:
             self._check_open()
             PyObject_GetBuffer(main, &mb, PyBUF_SIMPLE)
             try:
-                hdr[0] = (1ULL << 32) if custom else 0       # nbufs = 0, custom flag
+                hdr[0] = (<uint64_t>kind) << 32              # nbufs = 0, kind
                 hdr[1] = <uint64_t>mb.len
                 srcs[0] = <const uint8_t *>hdr
                 lens[0] = 16
@@ -614,7 +625,7 @@ cdef class QueueCore:
         meta = PyBytes_FromStringAndSize(NULL, 16 + 8 * nb)
         cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(meta)
         (<uint32_t *>p)[0] = <uint32_t>nb
-        (<uint32_t *>p)[1] = 1 if custom else 0
+        (<uint32_t *>p)[1] = <uint32_t>kind
         (<uint64_t *>(p + 8))[0] = len(main)
         for i in range(nb):
             (<uint64_t *>(p + 16))[i] = bufs[i].nbytes
@@ -713,7 +724,9 @@ cdef class QueueCore:
                 if self.riov.used == 1 and n >= 64 + 16:
                     src = self.base + self.riov.seg[0].off
                     mlen = (<uint64_t *>(src + 8))[0]
-                    if (<uint32_t *>src)[0] == 0 and (<uint32_t *>src)[1] == 0 and mlen <= n - 64:
+                    if ((<uint32_t *>src)[0] == 0 and mlen <= n - 64 and
+                            ((<uint32_t *>src)[1] == MSG_PICKLE or (<uint32_t *>src)[1] == MSG_RAW_BYTES)):
+                        self.last_kind = (<uint32_t *>src)[1]
                         try:
                             fast = PyBytes_FromStringAndSize(<char *>(src + 64), <Py_ssize_t>mlen)
                         finally:

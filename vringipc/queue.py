@@ -66,6 +66,7 @@ PEER_ENTRY = 16                        # u32 pid, u32 flags, u64 start time
 MAX_PEERS = (L.HDR_SIZE - PEERS_OFF) // PEER_ENTRY
 
 
+_MSG_PICKLE, _MSG_CUSTOM, _MSG_RAW_BYTES = 0, 1, 2     # message kinds (header word 1)
 _dumps = pickle.dumps
 _loads = pickle.loads
 _pid = [os.getpid()]          # this process's pid without a syscall per call
@@ -205,8 +206,12 @@ class Queue:
         if main_off + main_len > len(mv):
             raise pickle.UnpicklingError("corrupt queue message")
         main = mv[main_off:main_off + main_len]
-        if custom:
+        if custom == _MSG_RAW_BYTES:
+            return bytes(main)
+        if custom == _MSG_CUSTOM:
             return self._loads(main)
+        if custom != _MSG_PICKLE:
+            raise pickle.UnpicklingError(f"unknown queue message kind {custom}")
         if not nbufs:
             return pickle.loads(main)
         lens = struct.unpack_from(f"<{nbufs}Q", mv, _META.size)
@@ -226,20 +231,22 @@ class Queue:
         if self._registered_pid != _pid[0]:
             self._register()
         # Serialize before taking any lock (as the stdlib does).
-        if self._dumps is None:
+        if self._dumps is not None:
+            main, bufs, kind = self._dumps(obj), None, _MSG_CUSTOM
+        elif type(obj) is bytes:
+            main, bufs, kind = obj, None, _MSG_RAW_BYTES
+        else:
             bufs: list = []
             main = _mp_dumps(obj, bufs.append)
             if bufs:
                 bufs = [b.raw() for b in bufs]
-            custom = False
-        else:
-            main, bufs, custom = self._dumps(obj), None, True
+            kind = _MSG_PICKLE
         if not self._joinable:
-            self._core.put_obj(main, bufs, custom, block, timeout)
+            self._core.put_obj(main, bufs, kind, block, timeout)
             return
         self._core.task_add(1)
         try:
-            self._core.put_obj(main, bufs, custom, block, timeout)
+            self._core.put_obj(main, bufs, kind, block, timeout)
         except BaseException:
             self._core.task_add(-1)
             raise
@@ -252,7 +259,7 @@ class Queue:
             self._register()
         msg = self._core.get_raw(block, timeout)
         if type(msg) is bytes:                # unserialize after releasing the lock
-            return _loads(msg)
+            return msg if self._core.last_kind == _MSG_RAW_BYTES else _loads(msg)
         return self._deserialize(msg)
 
     def get_nocopy(self, block: bool = True, timeout: float | None = None):
