@@ -10,12 +10,7 @@ waits that must end for another reason."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import select
-import signal
-import sys
-import traceback
 
 import pytest
 
@@ -33,6 +28,8 @@ from vringipc import aio
 from vringipc._ring import QUEUE_OFFSETS, ChannelSender, QueueCore
 from vringipc.aio import AsyncChannel, AsyncQueue
 
+from forking import Forked, Gate
+
 try:
     import uvloop
 except ImportError:          # pragma: no cover
@@ -46,75 +43,6 @@ HAS_SLEEP_BEGIN = hasattr(QueueCore, "sleep_begin")
 
 
 # --- helpers ------------------------------------------------------------------------
-
-class Forked:
-    """fn(*args) in a forked child: exit status 0 if it returned, 1 if it
-    raised.  Always reaped (join(), or kill + reap on __exit__)."""
-
-    def __init__(self, fn, *args):
-        self.status = None
-        self.pid = os.fork()
-        if self.pid == 0:                      # pragma: no cover - child
-            code = 1
-            try:
-                fn(*args)
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                with contextlib.suppress(Exception):
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                os._exit(code)
-
-    def join(self, timeout: float = WAIT * 2) -> int:
-        if self.status is None:
-            import time
-            end = time.monotonic() + timeout
-            while True:
-                pid, st = os.waitpid(self.pid, os.WNOHANG)
-                if pid:
-                    self.status = st
-                    break
-                if time.monotonic() > end:
-                    self.kill()
-                    raise AssertionError(f"child {self.pid} did not finish in {timeout}s")
-                select.select([], [], [], 0.005)
-        return os.waitstatus_to_exitcode(self.status)
-
-    def kill(self) -> None:
-        if self.status is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            _, self.status = os.waitpid(self.pid, 0)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.kill()
-
-
-class Gate:
-    """A pipe for one-byte signals between parent and forked child."""
-
-    def __init__(self):
-        self.r, self.w = os.pipe()
-
-    def set(self) -> None:
-        os.write(self.w, b"x")
-
-    def wait(self, timeout: float = WAIT) -> None:
-        rl, _, _ = select.select([self.r], [], [], timeout)
-        if not rl:
-            raise AssertionError("gate not set in time")
-        os.read(self.r, 1)
-
-    def close(self) -> None:
-        for fd in (self.r, self.w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
 
 @pytest.fixture
 def gate():

@@ -9,7 +9,6 @@ must end for another reason."""
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import os
 import time
@@ -20,7 +19,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import traceback
 import zlib
 
 import pytest
@@ -36,88 +34,12 @@ from vringipc import (
     VringError,
 )
 
+from forking import Forked, Gate
+
 WAIT = 10.0          # seconds: generous bound for a wait that must end for another reason
 
 
 # --- helpers ------------------------------------------------------------------------
-
-class Forked:
-    """fn(*args) in a forked child: exit status 0 if it returned, 1 if it raised
-    (traceback on stderr).  Always reaped: join(), or kill+reap on __exit__."""
-
-    def __init__(self, fn, *args):
-        self.status = None
-        self.pid = os.fork()
-        if self.pid == 0:                      # pragma: no cover - child
-            code = 1
-            try:
-                fn(*args)
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                with contextlib.suppress(Exception):
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                os._exit(code)
-
-    def join(self, timeout: float = 20.0) -> int:
-        """Exit code (or -signal) once the child is gone; kills it after timeout."""
-        if self.status is None:
-            end = _now() + timeout
-            while True:
-                pid, st = os.waitpid(self.pid, os.WNOHANG)
-                if pid:
-                    self.status = st
-                    break
-                if _now() > end:
-                    self.kill()
-                    raise AssertionError(f"child {self.pid} did not finish within {timeout}s")
-                select.select([], [], [], 0.005)
-        return os.waitstatus_to_exitcode(self.status)
-
-    def wait_exited_no_reap(self) -> None:
-        """Block until the child has exited, leaving it a zombie (pid not recycled)."""
-        os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
-
-    def kill(self) -> None:
-        if self.status is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            _, self.status = os.waitpid(self.pid, 0)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.kill()
-
-
-def _now() -> float:
-    import time
-    return time.monotonic()
-
-
-class Gate:
-    """A pipe for one-byte signals between parent and forked child."""
-
-    def __init__(self):
-        self.r, self.w = os.pipe()
-
-    def set(self, b: bytes = b"x") -> None:
-        os.write(self.w, b)
-
-    def wait(self, timeout: float = WAIT) -> bytes:
-        rl, _, _ = select.select([self.r], [], [], timeout)
-        if not rl:
-            raise AssertionError("gate not set in time")
-        return os.read(self.r, 1)
-
-    def close(self) -> None:
-        for fd in (self.r, self.w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
 
 @pytest.fixture
 def gates():

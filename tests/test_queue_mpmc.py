@@ -9,16 +9,13 @@ end for another reason."""
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import random
 import select
 import signal
-import sys
 import threading
 import time
-import traceback
 import zlib
 
 import numpy as np
@@ -28,75 +25,16 @@ import vringipc
 from vringipc import JoinableQueue, MessageTooLarge, PeerDead, Queue
 from vringipc._ring import QUEUE_OFFSETS
 
+from forking import Forked, reaped, wait_for
+
 WAIT = 20.0           # bound for a wait that must end for another reason
 
 
 # --- helpers ---------------------------------------------------------------------------------
 
-class Forked:
-    """fn(*args) in a forked child: exit status 0 if it returned, 1 if it raised
-    (traceback on stderr).  Always reaped: join(), or kill+reap in kill()."""
-
-    def __init__(self, fn, *args):
-        self.status = None
-        self.pid = os.fork()
-        if self.pid == 0:                       # pragma: no cover - child
-            code = 1
-            try:
-                fn(*args)
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                with contextlib.suppress(Exception):
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                os._exit(code)
-
-    def join(self, timeout: float = WAIT) -> int:
-        """Exit code (or -signal); kills the child and fails after timeout."""
-        if self.status is None:
-            end = time.monotonic() + timeout
-            while True:
-                pid, st = os.waitpid(self.pid, os.WNOHANG)
-                if pid:
-                    self.status = st
-                    break
-                if time.monotonic() > end:
-                    self.kill()
-                    raise AssertionError(f"child {self.pid} did not finish within {timeout}s")
-                select.select([], [], [], 0.005)
-        return os.waitstatus_to_exitcode(self.status)
-
-    def kill(self) -> None:
-        """SIGKILL and reap at once (a dead owner is recognised once reaped)."""
-        if self.status is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            _, self.status = os.waitpid(self.pid, 0)
-
-
-@contextlib.contextmanager
-def reaped():
-    """Collects Forked children; kills and reaps whatever is left on exit."""
-    kids: list[Forked] = []
-    try:
-        yield kids
-    finally:
-        for k in kids:
-            k.kill()
-
-
 def shared_i64(n: int) -> np.ndarray:
     """n int64 counters in anonymous MAP_SHARED memory, shared with forked children."""
     return np.frombuffer(mmap.mmap(-1, 8 * n), dtype=np.int64)
-
-
-def wait_for(cond, what: str, timeout: float = WAIT) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.001)
 
 
 def word(q, name: str) -> int:

@@ -8,82 +8,22 @@ no assertion depends on timing."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
-import select
 import signal
-import sys
 import threading
 import time
-import traceback
 
 import numpy as np
 import pytest
 
 from vringipc import Full, Queue
 
+from forking import Forked, Pipe
+
 WAIT = 20.0
 N = 5000                     # float64 elements: 40 KB messages in a 256 KB queue
 CAP = 256 * 1024
-
-
-class Forked:
-    """fn(*args) in a forked child (exit 0 = returned, 1 = raised); always reaped."""
-
-    def __init__(self, fn, *args):
-        self.status = None
-        self.pid = os.fork()
-        if self.pid == 0:                       # pragma: no cover - child
-            code = 1
-            try:
-                fn(*args)
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                with contextlib.suppress(Exception):
-                    sys.stderr.flush()
-                os._exit(code)
-
-    def join(self, timeout: float = WAIT) -> int:
-        if self.status is None:
-            end = time.monotonic() + timeout
-            while True:
-                pid, st = os.waitpid(self.pid, os.WNOHANG)
-                if pid:
-                    self.status = st
-                    break
-                if time.monotonic() > end:
-                    self.kill()
-                    raise AssertionError(f"child {self.pid} did not finish within {timeout}s")
-                select.select([], [], [], 0.005)
-        return os.waitstatus_to_exitcode(self.status)
-
-    def kill(self) -> None:
-        if self.status is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            _, self.status = os.waitpid(self.pid, 0)
-
-
-class Pipe:
-    """One-byte messages between parent and forked child."""
-
-    def __init__(self):
-        self.r, self.w = os.pipe()
-
-    def send(self, b: bytes) -> None:
-        os.write(self.w, b)
-
-    def recv(self, timeout: float = WAIT) -> bytes:
-        assert select.select([self.r], [], [], timeout)[0], "no message from the other side"
-        return os.read(self.r, 1)
-
-    def close(self) -> None:
-        for fd in (self.r, self.w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 @pytest.fixture

@@ -15,10 +15,7 @@ import contextlib
 import ctypes
 import gc
 import os
-import select
 import signal
-import sys
-import traceback
 import weakref
 
 import numpy as np
@@ -26,78 +23,12 @@ import pytest
 
 from vringipc import Channel, Empty, Full, PeerDead
 
+from forking import Forked, Gate
+
 WAIT = 10.0
 
 
 # --- helpers ------------------------------------------------------------------------
-
-class Forked:
-    """fn(*args) in a forked child (exit 0 = returned, 1 = raised); always reaped."""
-
-    def __init__(self, fn, *args):
-        self.status = None
-        self.pid = os.fork()
-        if self.pid == 0:                      # pragma: no cover - child
-            code = 1
-            try:
-                fn(*args)
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                with contextlib.suppress(Exception):
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                os._exit(code)
-
-    def join(self, timeout: float = 20.0) -> int:
-        import time
-        if self.status is None:
-            end = time.monotonic() + timeout
-            while True:
-                pid, st = os.waitpid(self.pid, os.WNOHANG)
-                if pid:
-                    self.status = st
-                    break
-                if time.monotonic() > end:
-                    self.kill()
-                    raise AssertionError(f"child {self.pid} did not finish within {timeout}s")
-                select.select([], [], [], 0.005)
-        return os.waitstatus_to_exitcode(self.status)
-
-    def kill(self) -> None:
-        if self.status is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            _, self.status = os.waitpid(self.pid, 0)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.kill()
-
-
-class Gate:
-    def __init__(self):
-        self.r, self.w = os.pipe()
-
-    def set(self) -> None:
-        os.write(self.w, b"x")
-
-    def wait(self, timeout: float = WAIT) -> None:
-        if not select.select([self.r], [], [], timeout)[0]:
-            raise AssertionError("gate not set in time")
-        os.read(self.r, 1)
-
-    def is_set(self) -> bool:
-        return bool(select.select([self.r], [], [], 0)[0])
-
-    def close(self) -> None:
-        for fd in (self.r, self.w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
 
 @pytest.fixture
 def gate():
