@@ -121,7 +121,7 @@ def verify_message(data) -> tuple[int, int]:
 G_STOP, G_PRODUCERS_DONE = 0, 4
 SLOT0, SLOT_SIZE = 64, 128
 S_PHASE, S_RISK, S_BEAT, S_ACKED, S_HELD = 0, 4, 8, 16, 24
-S_FDS0, S_FDS1, S_RSS0, S_RSS1, S_MSGS, S_INC = 32, 36, 40, 48, 56, 64
+S_FDS0, S_FDS1, S_RSS0, S_RSS1, S_MSGS, S_INC, S_PIDFDS = 32, 36, 40, 48, 56, 64, 68
 IDLE, IN_PUT, IN_GET, HOLD = 0, 1, 2, 3
 PHASES = {IDLE: "idle", IN_PUT: "in_put", IN_GET: "in_get", HOLD: "holding_view"}
 EXIT_OK, EXIT_PEER, EXIT_ERROR = 0, 3, 4
@@ -162,8 +162,28 @@ def g_set(mm, off, v):
     struct.pack_into("<I", mm, off, v)
 
 
-def count_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def count_fds(pidfds: bool = True) -> int:
+    """Open fds of this process.  pidfds=False leaves out pidfds: a Channel end
+    opens one on its peer the first time it waits, and re-points it when the
+    peer changes, so it may appear after the first sample without leaking
+    (they are counted apart, see count_pidfds)."""
+    if pidfds:
+        return len(os.listdir("/proc/self/fd")) - 1      # minus listdir's own fd
+    return sum(1 for k in _fd_kinds() if k != "anon_inode:[pidfd]")
+
+
+def count_pidfds() -> int:
+    return sum(1 for k in _fd_kinds() if k == "anon_inode:[pidfd]")
+
+
+def _fd_kinds() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:                       # listdir's own fd, closed by now
+            pass
+    return out
 
 
 def rss_kb(field: str = "RssAnon") -> int:
@@ -218,11 +238,12 @@ class Worker:
             return
         self.next_sample = now + 1.0
         if not self.sampled and self.msgs >= 20:
-            self.st.set32(S_FDS0, count_fds())
+            self.st.set32(S_FDS0, count_fds(pidfds=False))
             self.st.set64(S_RSS0, rss_kb())
             self.sampled = True
         if self.sampled:
-            self.st.set32(S_FDS1, count_fds())
+            self.st.set32(S_FDS1, count_fds(pidfds=False))
+            self.st.set32(S_PIDFDS, count_pidfds())
             self.st.set64(S_RSS1, rss_kb())
 
     def log(self, key, length, flags):
@@ -469,7 +490,7 @@ class Soak:
         if held is None:
             held = st.get64(S_HELD)
         life = time.monotonic() - s.started
-        res = {"fds0": st.get32(S_FDS0), "fds1": st.get32(S_FDS1),
+        res = {"fds0": st.get32(S_FDS0), "fds1": st.get32(S_FDS1), "pidfds": st.get32(S_PIDFDS),
                "rss0": st.get64(S_RSS0), "rss1": st.get64(S_RSS1), "life": life}
         if s.role in ("qp", "cp"):
             stream = STREAM_CHANNEL if s.role == "cp" else STREAM_QUEUE
@@ -662,6 +683,8 @@ class Soak:
         return {
             "long_lived": len(recs),
             "max_fd_growth": max((r["fds1"] - r["fds0"] for r in recs), default=0),
+            "max_pidfds": max((r.get("pidfds", 0) for r in list(self.incs.values())
+                               + self.consumer_incs), default=0),
             "max_rss_anon_growth_kb": max((r["rss1"] - r["rss0"] for r in recs), default=0),
             "longest_life_s": round(max((r["life"] for r in recs), default=0), 1),
             "min_life_s": round(min_life, 1),
@@ -749,7 +772,8 @@ class Soak:
             "no_worker_errors": not r["worker_errors"],
             "no_stalls": not r["stalls"],
             "drained": r["left_in_queue"] == 0,
-            "fds_flat": o["fds_start"] == o["fds_end"] and r["workers"]["max_fd_growth"] <= 0,
+            "fds_flat": (o["fds_start"] == o["fds_end"] and r["workers"]["max_fd_growth"] <= 0
+                         and r["workers"]["max_pidfds"] <= 1),
             "dev_shm_flat": r["dev_shm"]["start"] == r["dev_shm"]["end"] and not r["dev_shm"]["leaked"],
             "messages_moved": r["messages_unique"] > 0,
         }
@@ -783,7 +807,8 @@ def summary(r: dict) -> str:
         f"  worker exits       {r['exits']}; errors {len(r['worker_errors'])}; stalls {len(r['stalls'])}",
         f"  orchestrator fds   {o['fds_start']} -> {o['fds_end']}, RssAnon "
         f"{o['rss_anon_kb_start']} -> {o['rss_anon_kb_end']} kB",
-        f"  workers (>={wk['min_life_s']:g} s)  {wk['long_lived']}: max fd growth {wk['max_fd_growth']}, max RssAnon "
+        f"  workers (>={wk['min_life_s']:g} s)  {wk['long_lived']}: max fd growth {wk['max_fd_growth']} "
+        f"(+ at most {wk['max_pidfds']} pidfd), max RssAnon "
         f"growth {wk['max_rss_anon_growth_kb']} kB, longest {wk['longest_life_s']} s",
         f"  /dev/shm entries   {shm['start']} -> {shm['end']} (max +{shm['during_max_extra']} "
         f"during), leaked {shm['leaked']}",
