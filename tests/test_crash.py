@@ -280,8 +280,8 @@ def _loan_then_die(report, ch, tag, before, partial, loan_size):
     die()
 
 
-@pytest.mark.parametrize("partial", [b"", b"PARTIAL-LOAN" * 20])
-@pytest.mark.parametrize("drained_first", [True, False])
+@pytest.mark.parametrize("partial", [b"", b"PARTIAL-LOAN" * 20], ids=["empty", "partly-written"])
+@pytest.mark.parametrize("drained_first", [True, False], ids=["drained-first", "not-drained"])
 @pytest.mark.timeout(30)
 def test_ch_producer_killed_holding_loan(ch, child, partial, drained_first):
     p = child(_loan_then_die, ch, 1, 2, partial, 4000)
@@ -866,7 +866,7 @@ def test_q_producer_died_after_commit_before_publish(q, child, second_producer):
 def test_q_committed_message_delivered_without_another_producer(q, child):
     p = child(_put_commit_no_publish, q, "committed")
     assert p.join() == -signal.SIGKILL
-    assert q.get(timeout=2) == "committed"
+    assert q.get(timeout=1) == "committed"
 
 
 def _put_forever(report, q, tag, size, acked):
@@ -983,7 +983,7 @@ def _zombie_lock_survivor(report, q, which):
 def test_q_lock_owner_dead_but_unreaped(q, child, which):
     q.put("a")
     s = child(_zombie_lock_survivor, q, which)
-    finished = s.finished_within(5)                # bounded: a hang is killed, not waited on
+    finished = s.finished_within(3)                # bounded: a hang is killed, not waited on
     assert finished, "survivor hung past its 1 s timeout"
     assert s.reports()[0] == "done"
 
@@ -1176,7 +1176,7 @@ def _get_with_timeout(report, q, timeout):
 def test_q_blocked_get_ends_when_others_died_before_first_use(q, child):
     p = child(_put_and_die, q)
     assert p.join() == -signal.SIGKILL
-    c = child(_get_with_timeout, q, 3)             # first use after the producer died
+    c = child(_get_with_timeout, q, 1)             # first use after the producer died
     assert c.join() == 0
     assert c.reports() == ["last words", "PeerDead"]
 
