@@ -942,8 +942,8 @@ def test_q_producer_killed_while_blocked_on_full(child):
         wait_for(lambda: p.reports() == ["blocking"], "child start")
         wait_for(lambda: qq._ring.words.load32(QUEUE_OFFSETS["put_sleepers"]) == 1, "sleep")
         p.kill()
-        # The dead sleeper's count stays (only costs a spare wake-up); nothing else.
-        assert qq._ring.words.load32(QUEUE_OFFSETS["put_sleepers"]) == 1
+        # The dead sleeper's count may stay (it only costs spare wake-ups).
+        assert qq._ring.words.load32(QUEUE_OFFSETS["put_sleepers"]) in (0, 1)
         assert st.lock("prod_lock") == 0
         assert [qq.get(timeout=WAIT) for _ in range(2)] == [0, 1]
         with pytest.raises(Empty):
@@ -983,7 +983,7 @@ def _zombie_lock_survivor(report, q, which):
 def test_q_lock_owner_dead_but_unreaped(q, child, which):
     q.put("a")
     s = child(_zombie_lock_survivor, q, which)
-    finished = s.finished_within(3)                # bounded: a hang is killed, not waited on
+    finished = s.finished_within(6)                # bounded: a hang is killed, not waited on
     assert finished, "survivor hung past its 1 s timeout"
     assert s.reports()[0] == "done"
 
