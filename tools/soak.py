@@ -434,6 +434,7 @@ class Slot:
         self.started = 0.0
         self.restart_at = 0.0
         self.last_beat = (0, 0.0)
+        self.last_exit = None
 
 
 class Soak:
@@ -532,11 +533,12 @@ class Soak:
             except ChildProcessError:
                 pid, st = s.pid, 0
             if pid:
-                self.record_end(s, "exited", os.waitstatus_to_exitcode(st))
+                s.last_exit = os.waitstatus_to_exitcode(st)
+                self.record_end(s, "exited", s.last_exit)
                 s.restart_at = time.monotonic() + (0.2 if restart else 0)
 
     def kill_one(self):
-        live = [s for s in self.slots if s.pid]
+        live = [s for s in self.slots if s.pid and f"{s.role}{s.slot}" not in self.cfg.keep]
         if not live:
             return
         s = self.rng.choice(live)
@@ -611,6 +613,8 @@ class Soak:
                 next_report = now + 10
         # --- drain: producers stop; every consumer slot runs until the queues are empty
         g_set(self.mm, G_STOP, 1)
+        for s in self.slots:
+            s.last_exit = None
         drain_end = time.monotonic() + 60
         producers = [s for s in self.slots if s.role in ("qp", "cp")]
         consumers = [s for s in self.slots if s.role in ("qc", "cc")]
@@ -618,7 +622,7 @@ class Soak:
             time.sleep(0.02)
             self.reap(restart=False)
             for s in consumers:
-                if not s.pid:
+                if not s.pid and s.last_exit != EXIT_OK:     # killed, or not yet done
                     self.start(s)
         for s in producers:
             if s.pid:
@@ -645,7 +649,7 @@ class Soak:
         shm1 = shm_entries()
         result = self.analyse()
         result.update({
-            "config": {k: v for k, v in vars(cfg).items() if k != "workdir"},
+            "config": {k: v for k, v in vars(cfg).items() if k not in ("workdir", "keep")},
             "vringipc": vringipc.__file__,
             "elapsed_s": round(elapsed, 1),
             "left_in_queue": left_in_queue,
@@ -680,7 +684,13 @@ class Soak:
         min_life = min(10.0, self.cfg.duration / 3)
         recs = [r for r in list(self.incs.values()) + self.consumer_incs
                 if r["life"] >= min_life and r["fds0"] and r["fds1"]]
+        survivors = [{"worker": f"{r['role']}{r['slot']}", "life_s": round(r["life"], 1),
+                      "fds": [r["fds0"], r["fds1"]], "rss_anon_kb": [r["rss0"], r["rss1"]]}
+                     for r in [dict(v, role=("cp" if k[0] == STREAM_CHANNEL else "qp"), slot=k[1])
+                               for k, v in self.incs.items()] + self.consumer_incs
+                     if f"{r['role']}{r['slot']}" in self.cfg.keep]
         return {
+            "survivors": survivors,
             "long_lived": len(recs),
             "max_fd_growth": max((r["fds1"] - r["fds0"] for r in recs), default=0),
             "max_pidfds": max((r.get("pidfds", 0) for r in list(self.incs.values())
@@ -810,6 +820,10 @@ def summary(r: dict) -> str:
         f"  workers (>={wk['min_life_s']:g} s)  {wk['long_lived']}: max fd growth {wk['max_fd_growth']} "
         f"(+ at most {wk['max_pidfds']} pidfd), max RssAnon "
         f"growth {wk['max_rss_anon_growth_kb']} kB, longest {wk['longest_life_s']} s",
+    ] + [
+        f"  never killed       {x['worker']}: lived {x['life_s']} s, fds {x['fds'][0]} -> {x['fds'][1]}, "
+        f"RssAnon {x['rss_anon_kb'][0]} -> {x['rss_anon_kb'][1]} kB" for x in wk["survivors"]
+    ] + [
         f"  /dev/shm entries   {shm['start']} -> {shm['end']} (max +{shm['during_max_extra']} "
         f"during), leaked {shm['leaked']}",
         f"  verdict            {'OK' if v['ok'] else 'FAIL'} "
@@ -841,6 +855,9 @@ def parse_args(argv=None):
     p.add_argument("--queue-capacity", type=int, default=16 << 20)
     p.add_argument("--channel-capacity", type=int, default=4 << 20)
     p.add_argument("--stall", type=float, default=30, help="seconds without progress = a stall")
+    p.add_argument("--keep-alive", default="",
+                   help="workers never killed, e.g. 'qp0,qc0' (long-lived witnesses of flat "
+                        "fds/RSS while their peers die around them)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--workdir", help="keep logs here (default: a temp dir, removed)")
@@ -851,6 +868,7 @@ def parse_args(argv=None):
     cfg = p.parse_args(argv)
     cfg.duration = (cfg.minutes * 60 if cfg.minutes is not None
                     else cfg.seconds if cfg.seconds is not None else 60.0)
+    cfg.keep = {w for w in cfg.keep_alive.split(",") if w}
     if cfg.producers < 1 or cfg.consumers < 1:
         p.error("at least one producer and one consumer")
     if not 16 <= cfg.min_size <= cfg.max_size:
