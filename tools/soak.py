@@ -67,6 +67,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import vringipc  # noqa: E402
 from vringipc import Channel, Empty, Full, PeerDead, Queue  # noqa: E402
 from vringipc.errors import ChannelClosed  # noqa: E402
+from vringipc.segment import name_pid  # noqa: E402
 from vringipc.testing import shm_entries  # noqa: E402
 
 # --- message format ---------------------------------------------------------------------
@@ -457,6 +458,7 @@ class Soak:
         self.errors = []
         self.stalls = []
         self.inc_counter = {}
+        self.our_pids = {os.getpid()}
         self.block = os.urandom(cfg.max_size + 4096)
 
     # --- process management -----------------------------------------------------------
@@ -478,6 +480,7 @@ class Soak:
             finally:
                 os._exit(code)
         s.pid = pid
+        self.our_pids.add(pid)
         s.started = time.monotonic()
         s.last_beat = (0, s.started)
 
@@ -579,14 +582,19 @@ class Soak:
                 total += os.path.getsize(os.path.join(self.logdir, name)) // REC.size
         return total
 
+    def shm_ours(self) -> set:
+        """vringipc entries in /dev/shm created by this run (names carry the
+        creator's pid; other programs on the machine may have their own)."""
+        return {n for n in shm_entries() if name_pid(n) in self.our_pids}
+
     # --- the run --------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
-        shm0 = shm_entries()
+        shm0, all0 = self.shm_ours(), len(shm_entries())
         self.q = Queue(capacity=cfg.queue_capacity, num=256, backend="shm")
         self.ch = None if cfg.no_channel else Channel(cfg.channel_capacity, num=64, backend="shm")
         fds0, rss0 = count_fds(), rss_kb()
-        shm_during = len(shm_entries() - shm0)
+        shm_during = len(self.shm_ours() - shm0)
         t0 = time.monotonic()
         end = t0 + cfg.duration
         for s in self.slots:
@@ -606,7 +614,7 @@ class Soak:
             if now >= next_stall:
                 self.check_stalls()
                 next_stall = now + 1
-                shm_during = max(shm_during, len(shm_entries() - shm0))
+                shm_during = max(shm_during, len(self.shm_ours() - shm0))
             if now >= next_report and not cfg.quiet:
                 print(f"[{now - t0:6.0f}s] received {self.received()} messages, "
                       f"{len(self.kills)} kills", flush=True)
@@ -646,7 +654,7 @@ class Soak:
         self.q.close()
         if self.ch is not None:
             self.ch.close()
-        shm1 = shm_entries()
+        shm1, all1 = self.shm_ours(), len(shm_entries())
         result = self.analyse()
         result.update({
             "config": {k: v for k, v in vars(cfg).items() if k not in ("workdir", "keep")},
@@ -660,7 +668,8 @@ class Soak:
             "orchestrator": {"fds_start": fds0, "fds_end": fds1,
                              "rss_anon_kb_start": rss0, "rss_anon_kb_end": rss1},
             "dev_shm": {"start": len(shm0), "during_max_extra": shm_during,
-                        "end": len(shm1), "leaked": sorted(shm1 - shm0)},
+                        "end": len(shm1), "leaked": sorted(shm1 - shm0),
+                        "machine_wide_vr_entries": [all0, all1]},
             "workers": self.worker_resources(),
         })
         result["verdict"] = self.verdict(result)
@@ -825,7 +834,8 @@ def summary(r: dict) -> str:
         f"RssAnon {x['rss_anon_kb'][0]} -> {x['rss_anon_kb'][1]} kB" for x in wk["survivors"]
     ] + [
         f"  /dev/shm entries   {shm['start']} -> {shm['end']} (max +{shm['during_max_extra']} "
-        f"during), leaked {shm['leaked']}",
+        f"during), leaked {shm['leaked']} (ours; machine-wide vr_ entries "
+        f"{shm['machine_wide_vr_entries'][0]} -> {shm['machine_wide_vr_entries'][1]})",
         f"  verdict            {'OK' if v['ok'] else 'FAIL'} "
         + ", ".join(k for k, ok in v["checks"].items() if not ok),
     ]
