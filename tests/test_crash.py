@@ -30,7 +30,6 @@ import mmap
 import os
 import pickle
 import random
-import select
 import signal
 import struct
 import sys
@@ -40,12 +39,10 @@ import zlib
 
 import pytest
 
-import vringipc
 from vringipc import Channel, Empty, Full, PeerDead, Queue
 from vringipc import layout as L
 from vringipc import peers
 from vringipc._ring import QUEUE_OFFSETS
-from vringipc.errors import InvalidRing
 
 WAIT = 10.0                      # bound for waits that must end for another reason
 pytestmark = pytest.mark.timeout(60)

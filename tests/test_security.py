@@ -18,17 +18,14 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
-import mmap
 import os
 import pickle
 import re
 import signal
 import socket
 import struct
-import sys
 import time
 import traceback
 

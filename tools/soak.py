@@ -45,7 +45,6 @@ Prints a summary, writes JSON with --json; exit status 0 iff the verdict is ok.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
