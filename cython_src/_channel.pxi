@@ -15,6 +15,7 @@ from cpython.buffer cimport PyBuffer_FillInfo
 
 cdef enum:
     ALLOC_ALIGN = 64          # cache line; also keeps NumPy buffers aligned
+    CONSUMER_STATE_HDR = 64   # consumer state area: u32 fetch record, u32 journal, pad; u8 taken[num]
     F_LIVE = 0                # fifo entry states
     F_DONE = 1                # used by the consumer (head already back on the free list)
     F_CANCELLED = 2           # loan cancelled: head freed when the entry is popped
@@ -449,17 +450,30 @@ cdef class ChannelReceiver:
     cdef public object on_empty    # callable when a wait ends because the peer is gone
     cdef uint32_t n_views          # MessageViews not yet released
     cdef vr_used_elem *batch       # [num] scratch completions
+    # Consumer state in shared memory, so that a new consumer can take over
+    # from a killed one (see recover()); NULL when there is no state area.
+    cdef uint32_t *fetch_rec       # last avail idx fetched | head << 16 (the fetch commit)
+    cdef uint32_t *journal         # completion in progress: first used idx | count << 16
+    cdef uint8_t *taken            # [num] 1 while a head is fetched and not completed
 
     def __cinit__(self, buffer, uint32_t num, uint64_t desc_off, uint64_t avail_off,
                   uint64_t used_off, uint64_t win_off, uint64_t win_size, *,
                   uint64_t features=0, uint64_t max_msg=0xffffffff, uint32_t max_iov=1024,
-                  int kick_fd=-1, int call_fd=-1, spin_ns=DEFAULT_SPIN_NS):
+                  int kick_fd=-1, int call_fd=-1, spin_ns=DEFAULT_SPIN_NS,
+                  uint64_t state_off=0):
         self.mapped = _Mapped(buffer)
         _vrh_setup(&self.h, self.mapped, num, desc_off, avail_off, used_off, win_off, win_size,
                    features, max_msg, max_iov, False)
         self.batch = <vr_used_elem *>PyMem_RawCalloc(num, sizeof(vr_used_elem))
         if self.batch == NULL:
             raise MemoryError()
+        if state_off:
+            if state_off % 64 or state_off + CONSUMER_STATE_HDR + num > <uint64_t>self.mapped.size \
+                    or (state_off < win_off + win_size and win_off < state_off + CONSUMER_STATE_HDR + num):
+                raise ValueError("bad consumer state area")
+            self.fetch_rec = <uint32_t *>(self.mapped.base + state_off)
+            self.journal = <uint32_t *>(self.mapped.base + state_off + 4)
+            self.taken = self.mapped.base + state_off + CONSUMER_STATE_HDR
         self.kick_fd = kick_fd
         self.call_fd = call_fd
         self.peer_fd = -1
@@ -498,25 +512,111 @@ cdef class ChannelReceiver:
         _drain_fd(self.kick_fd)
         return vrh_notify_enable(&self.h)
 
+    # --- shared consumer state: each step has one commit store --------------------
+    cdef inline void _fetched(self, uint16_t head) noexcept nogil:
+        # taken first, then the fetch record (the commit): a consumer killed
+        # between the two left a taken head at the next unfetched position,
+        # which recover() recognises as not fetched.
+        if self.taken != NULL:
+            self.taken[head] = 1
+            vr_store_release_u32(self.fetch_rec, <uint32_t>self.h.last_avail_idx | (<uint32_t>head << 16))
+
+    cdef inline void _unfetched(self, uint16_t head) noexcept nogil:
+        if self.taken != NULL:
+            vr_store_release_u32(self.fetch_rec, <uint32_t>self.h.last_avail_idx | 0xffff0000u)
+            self.taken[head] = 0
+
+    cdef inline int _complete(self, const vr_used_elem *elems, uint32_t n) noexcept nogil:
+        # Journal the batch (first used idx and count), publish it (the commit:
+        # one used->idx store), then clear the taken flags and the journal.  A
+        # consumer killed anywhere in between is resolved by recover().
+        cdef uint32_t k
+        cdef int rc
+        if self.taken != NULL:
+            vr_store_release_u32(self.journal, <uint32_t>(<uint16_t>(self.h.last_used_idx +
+                                 self.h.completed)) | (n << 16))
+        rc = vrh_complete_multi(&self.h, elems, n)
+        if self.taken != NULL:
+            if rc == 0:
+                for k in range(n):
+                    self.taken[elems[k].id] = 0
+            vr_store_release_u32(self.journal, 0)
+        return rc
+
     cdef inline void _done(self, uint16_t head) noexcept nogil:
-        vrh_complete(&self.h, head, 0)
+        cdef vr_used_elem e
+        e.id = head
+        e.len = 0
+        self._complete(&e, 1)
         if vrh_need_notify(&self.h) == 1:
             _signal_fd(self.call_fd)
+
+    def recover(self):
+        """Take over from a consumer that died: finish or undo what it was doing,
+        resume after the last message it fetched, and give back (as lost: at
+        most once) every message it still held.  Returns how many were lost."""
+        cdef uint32_t j, rec, k, n = 0
+        cdef uint16_t start, cnt, u, a, nxt, fidx
+        cdef uint32_t hd
+        if self.h.base == NULL:
+            raise ValueError("channel is closed")
+        if self.taken == NULL:
+            return 0
+        u = vr_load_acquire_u16(&self.h.used.idx)
+        # 1. a completion in progress: published (all or nothing) or not?
+        j = vr_load_acquire_u32(self.journal)
+        start = <uint16_t>(j & 0xffff)
+        cnt = <uint16_t>(j >> 16)
+        if cnt and <uint16_t>(u - start) >= cnt and cnt <= self.h.num:
+            for k in range(cnt):
+                hd = vr_load_relaxed_u32(&self.h.used.ring[(start + k) & self.h.mask].id)
+                if hd < self.h.num:
+                    self.taken[hd] = 0
+        vr_store_release_u32(self.journal, 0)
+        # 2. resume after the last committed fetch; an uncommitted one is undone
+        rec = vr_load_acquire_u32(self.fetch_rec)
+        fidx = <uint16_t>(rec & 0xffff)
+        self.h.last_avail_idx = self.h.shadow_avail_idx = fidx
+        self.h.last_used_idx = u
+        self.h.completed = 0
+        self.h.broken = False
+        a = vr_load_acquire_u16(&self.h.avail.idx)
+        if a != fidx:
+            nxt = vr_load_relaxed_u16(&self.h.avail.ring[fidx & self.h.mask])
+            if nxt < self.h.num and self.taken[nxt]:
+                self.taken[nxt] = 0
+        # 3. what it still held is lost: complete it so the producer gets it back
+        memset(self.h.inflight, 0, self.h.num)
+        self.h.n_inflight = 0
+        for k in range(self.h.num):
+            if self.taken[k]:
+                self.h.inflight[k] = 1
+                self.h.n_inflight += 1
+                self.batch[n].id = k
+                self.batch[n].len = 0
+                n += 1
+        if n:
+            self._complete(self.batch, n)
+            if vrh_need_notify(&self.h) == 1:
+                _signal_fd(self.call_fd)
+        return n
 
     cdef int _next(self, bint block, object timeout, uint16_t *head) except -1:
         """Fetch the next chain into self.riov.  1 = got it, 0 = empty (only
         when not blocking)."""
-        cdef int rc
+        cdef int rc, watched
         cdef int64_t deadline = -2
         if self.h.base == NULL:
             raise ValueError("channel is closed")
         while True:
             rc = vrh_getdesc(&self.h, &self.riov, NULL, head)
             if rc == 1:
+                self._fetched(head[0])
                 return 1
             if rc < 0:
                 err = _host_error(&self.h, rc, head[0])
                 if not self.h.err_ring:
+                    self._fetched(head[0])
                     self._done(head[0])       # hand the bad chain back, keep going
                 raise err
             if not block:
@@ -530,12 +630,13 @@ cdef class ChannelReceiver:
                 return 0
             if deadline == -2:
                 deadline = _deadline(timeout)
+            watched = self.peer_fd           # the pidfd this wait watches
             rc = _wait_ring(&self.h, _host_pending, _host_arm, _host_disarm, self.kick_fd,
-                            self.peer_fd, deadline, self.spin_ns, self.check, 0.1)
+                            watched, deadline, self.spin_ns, self.check, 0.1)
             if rc == 0:
                 return 0
             if rc == 2 and not vrh_avail_pending(&self.h):
-                self._peer_exited()
+                self._peer_exited(watched)
 
     def wait(self, timeout=None):
         """Wait until a message is there (True) or timeout (False) without
@@ -546,19 +647,20 @@ cdef class ChannelReceiver:
         if vrh_avail_pending(&self.h):
             return True
         cdef int64_t deadline = _deadline(timeout)
+        cdef int watched
         while True:
+            watched = self.peer_fd
             rc = _wait_ring(&self.h, _host_pending, _host_arm, _host_disarm, self.kick_fd,
-                            self.peer_fd, deadline, self.spin_ns, self.check, 0.1)
+                            watched, deadline, self.spin_ns, self.check, 0.1)
             if rc == 2 and not vrh_avail_pending(&self.h):
-                self._peer_exited()
+                self._peer_exited(watched)
                 continue
             return rc != 0
 
-    cdef _peer_exited(self):
-        # The pidfd we watch became readable.  Ask the channel (it knows who
-        # the producer is now: another process may have taken over); it
-        # raises ChannelClosed / PeerDead, or re-points peer_fd and we go on.
-        cdef int old = self.peer_fd
+    cdef _peer_exited(self, int old):
+        # The pidfd `old` we watched became readable.  Ask the channel (it
+        # knows who the producer is now: another process may have taken over);
+        # it raises ChannelClosed / PeerDead, or re-points peer_fd and we go on.
         if vrh_avail_pending(&self.h):
             return                       # a message arrived meanwhile: take it first
         if self.on_empty is not None:
@@ -595,6 +697,7 @@ cdef class ChannelReceiver:
                 raise Empty()
             if <uint64_t>b.len < self.riov.total:
                 vrh_abandon(&self.h, 1)
+                self._unfetched(head)
                 raise ValueError(f"message of {self.riov.total} bytes does not fit a "
                                  f"{b.len}-byte buffer")
             with nogil:
@@ -661,7 +764,8 @@ cdef class ChannelReceiver:
                 elif rc < 0:
                     self.h.broken = False       # report on the next call, after delivering these
                 break
-        vrh_complete_multi(&self.h, self.batch, n)
+            self._fetched(head)
+        self._complete(self.batch, n)
         if vrh_need_notify(&self.h) == 1:
             _signal_fd(self.call_fd)
         return out

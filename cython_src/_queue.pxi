@@ -473,8 +473,10 @@ cdef class QueueCore:
         return 1
 
     cdef int _put_once(self, uint32_t me, const uint8_t **srcs, const uint64_t *lens,
-                       uint32_t n, uint64_t total) noexcept nogil:
-        cdef int rc = _robust_lock(self.plock, me, -1)
+                       uint32_t n, uint64_t total, int64_t lock_deadline) noexcept nogil:
+        cdef int rc = _robust_lock(self.plock, me, lock_deadline)
+        if rc < 0:
+            return rc                      # the lock holder is stuck (alive but stopped)
         if rc == 1:
             self.stolen_locks += 1
         self._repair_avail()
@@ -497,6 +499,8 @@ cdef class QueueCore:
         cdef uint16_t seen
         cdef bint slept = False
         cdef uint32_t me = _gettid()
+        # With a timeout, waiting for the lock counts against it too.
+        cdef int64_t lock_deadline = _deadline(timeout) if (block and timeout is not None) else -1
         for k in range(n):
             total = (_align_up(total, ALLOC_ALIGN) if k else 0) + lens[k]
         if total > self.data_size or total > self.h.max_msg:
@@ -504,10 +508,10 @@ cdef class QueueCore:
                                   f"holds at most {min(self.data_size, self.h.max_msg)} bytes")
         while True:
             with nogil:
-                rc = self._put_once(me, srcs, lens, n, total)
+                rc = self._put_once(me, srcs, lens, n, total, lock_deadline)
             if rc == 0:
                 return 0
-            if not block:
+            if not block or rc == -110:
                 raise Full()
             if deadline == -2:
                 # brief spin: room usually appears within microseconds
@@ -526,9 +530,11 @@ cdef class QueueCore:
             try:
                 vr_fence_sc()
                 with nogil:
-                    rc = self._put_once(me, srcs, lens, n, total)
+                    rc = self._put_once(me, srcs, lens, n, total, lock_deadline)
                 if rc == 0:
                     return 0
+                if rc == -110:
+                    raise Full()
                 if slept and self.check is not None and deadline < 0:
                     self.check()      # still no room after a wake-up: is anyone left?
                 rc = self._doze(self.call_fd, deadline)
@@ -634,20 +640,29 @@ cdef class QueueCore:
         return self.put_parts([meta, main], block, timeout)
 
     # --- consumer ------------------------------------------------------------------
-    cdef int _get_begin(self, uint32_t me) noexcept nogil:
+    cdef int _get_begin(self, uint32_t me, int64_t lock_deadline) noexcept nogil:
         """Take the consumer lock and look at the next message (walk it into
         self.riov).  1 = there is one (lock held), 0 = empty (lock released),
         <0 = ring corrupt (lock released)."""
         cdef uint16_t u, a, head
-        cdef int rc = _robust_lock(self.clock_, me, -1)
+        cdef int rc = _robust_lock(self.clock_, me, lock_deadline)
+        if rc < 0:
+            return -110                    # lock holder stuck: report as a timeout
         if rc == 1:
             self.stolen_locks += 1
         u = vr_load_relaxed_u16(&self.used.idx)
         # Barrier A (acquire): pairs with the producer's release of avail->idx.
         a = vr_load_acquire_u16(&self.avail.idx)
         if a == u:
-            _unlock(self.clock_)
-            return 0
+            # A producer killed between its commit and its avail->idx store
+            # leaves a complete message that only PROD_STATE shows: publish it
+            # (idempotent: a live producer stores the same value).
+            if <uint16_t>(vr_load_acquire_u64(self.pstate) & 0xffff) == <uint16_t>(u + 1):
+                vr_store_release_u16(&self.avail.idx, <uint16_t>(u + 1))
+                a = <uint16_t>(u + 1)
+            else:
+                _unlock(self.clock_)
+                return 0
         if <uint16_t>(a - u) > self.num:
             _unlock(self.clock_)
             return vrh_fail(&self.h, EINVAL, R_AVAIL_JUMP, u, a, True)
@@ -697,9 +712,12 @@ cdef class QueueCore:
         cdef uint64_t mlen
         cdef HeldMessage hm
         cdef bint slept = False
+        cdef int64_t lock_deadline = _deadline(timeout) if (block and timeout is not None) else -1
         while True:
             with nogil:
-                rc = self._get_begin(me)
+                rc = self._get_begin(me, lock_deadline)
+            if rc == -110:
+                raise Empty()
             if rc == 1:
                 # We hold the consumer lock and the message is not committed:
                 # if we die now it stays for another consumer.

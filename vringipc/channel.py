@@ -24,7 +24,7 @@ everything.
 A Channel reaches other processes by fork (inherited), as a
 multiprocessing.Process argument under spawn/forkserver (pickled with its fds),
 or, with ``backend="shm"``, by name from an unrelated process (see
-vringipc.connect for passing the eventfds over a Unix socket).
+vringipc.handoff for passing the eventfds over a Unix socket).
 """
 
 from __future__ import annotations
@@ -46,6 +46,12 @@ DEFAULT_NUM = 256
 _live_channels: "weakref.WeakSet[Channel]" = weakref.WeakSet()
 
 
+def _state_bytes(num: int) -> int:
+    """Size of the consumer state area at the end of the arena window: a
+    64-byte header (fetch record, completion journal) and one byte per head."""
+    return L.align_up(64 + num, 64)
+
+
 def _after_fork_in_child() -> None:
     for ch in list(_live_channels):
         ch._forget_roles()
@@ -63,6 +69,7 @@ class Channel:
     _tx: ChannelSender | None = None
     _rx: ChannelReceiver | None = None
     _closed = False
+    _needs_quiesce = False
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, *, num: int = DEFAULT_NUM,
                  backend: str = "memfd", name: str | None = None, mode: int = 0o600,
@@ -70,8 +77,9 @@ class Channel:
         if _ring is None:
             if capacity < 64:
                 raise ValueError("capacity must be at least 64 bytes")
-            _ring = SharedRing.create(num=num, arena_size=capacity, indirect=False,
-                                      max_msg=min(L.align_up(capacity, 64), 0xFFFFFFFF),
+            capacity = L.align_up(capacity, 64)
+            _ring = SharedRing.create(num=num, arena_size=capacity + _state_bytes(num),
+                                      indirect=False, max_msg=min(capacity, 0xFFFFFFFF),
                                       backend=backend, name=name, mode=mode,
                                       app_kind=L.APP_CHANNEL)
         elif _ring.layout.app_kind != L.APP_CHANNEL:
@@ -92,13 +100,20 @@ class Channel:
     @property
     def capacity(self) -> int:
         """Arena bytes: the largest message, and the most that can be in flight."""
-        return self._ring.layout.rings[0].win_size
+        return self._window()[5]
+
+    def _window(self) -> tuple:
+        """Ring arguments with the window cut short of the consumer state area
+        (the last _state_bytes(num) bytes of the ring's arena window)."""
+        r = self._ring.layout.rings[0]
+        return (r.num, r.desc_off, r.avail_off, r.used_off, r.win_off,
+                r.win_size - _state_bytes(r.num))
 
     @classmethod
     def attach(cls, name: str, kick_fd: int = -1, call_fd: int = -1) -> "Channel":
         """Open a channel created with backend="shm" by name, e.g. from an
         unrelated process.  Without the eventfds both ends poll (spin + yield)
-        instead of sleeping; vringipc.connect passes them over a socket."""
+        instead of sleeping; vringipc.handoff passes them over a socket."""
         ring = SharedRing.attach(name, [kick_fd], [call_fd])
         ring._owns_fds = kick_fd >= 0
         return cls(_ring=ring)
@@ -146,9 +161,13 @@ class Channel:
         if self._tx is None:
             self._check_open()
             if self._claim(L.DRIVER_LIVENESS_OFF, "producer"):
+                self._needs_quiesce = True
+            if self._needs_quiesce:
+                # (retried on every call until it succeeds: a failed wait must
+                # not let a later call allocate over the old producer's bytes)
                 self._await_quiescent()
-            r = self._ring.layout.rings[0]
-            self._tx = ChannelSender(self._ring.segment.buf, *r.ring_args(),
+                self._needs_quiesce = False
+            self._tx = ChannelSender(self._ring.segment.buf, *self._window(),
                                      features=self._ring.layout.features,
                                      kick_fd=self._ring.kick_fds[0],
                                      call_fd=self._ring.call_fds[0], spin_ns=self._spin_ns)
@@ -162,13 +181,19 @@ class Channel:
     def _receiver(self) -> ChannelReceiver:
         if self._rx is None:
             self._check_open()
-            self._claim(L.DEVICE_LIVENESS_OFF, "consumer")
+            took_over = self._claim(L.DEVICE_LIVENESS_OFF, "consumer")
             r = self._ring.layout.rings[0]
-            self._rx = ChannelReceiver(self._ring.segment.buf, *r.ring_args(),
+            win = self._window()
+            self._rx = ChannelReceiver(self._ring.segment.buf, *win,
                                        features=self._ring.layout.features,
                                        max_msg=self._ring.layout.max_msg, max_iov=r.max_iov,
                                        kick_fd=self._ring.kick_fds[0],
-                                       call_fd=self._ring.call_fds[0], spin_ns=self._spin_ns)
+                                       call_fd=self._ring.call_fds[0], spin_ns=self._spin_ns,
+                                       state_off=win[4] + win[5])
+            if took_over:
+                # the previous consumer died (or closed): finish its work; what
+                # it still held is lost (at most once) and goes back to the producer
+                self._rx.recover()
             self._rx.check = self._check_producer
             self._rx.on_empty = self._producer_gone
             self.recv = self._rx.recv

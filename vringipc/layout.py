@@ -281,6 +281,8 @@ def parse_header(buf, mapped_size: int | None = None) -> SegmentLayout:
         raise LayoutError(f"nrings {nrings} not in 1..{MAX_RINGS}")
     if addr_mode != 0:
         raise LayoutError(f"addr_mode {addr_mode} not supported")
+    if app_kind not in (APP_RAW, APP_CHANNEL, APP_QUEUE):
+        raise LayoutError(f"unknown app_kind {app_kind}")
     if arena_off % ALIGN or arena_off < HDR_SIZE or arena_size == 0 or arena_off + arena_size > seg_size:
         raise LayoutError(f"arena [{arena_off:#x}, +{arena_size:#x}) invalid for a segment of {seg_size}")
     if not 1 <= max_msg <= 0xFFFFFFFF:

@@ -144,7 +144,7 @@ class Queue:
         self._closed = False
         if init:
             self._register()               # the creator counts as a user (it may put)
-        if dumps is None and not self._joinable:
+        if dumps is None and loads is None and not self._joinable:
             # Hot path: q.put / q.get are the Cython methods themselves (they
             # pickle, register this process once, and check closed).
             self.put = self._core.put
@@ -208,7 +208,9 @@ class Queue:
         main = mv[main_off:main_off + main_len]
         if custom == _MSG_RAW_BYTES:
             return bytes(main)
-        if custom == _MSG_CUSTOM:
+        if self._loads is not None:
+            # A queue with its own serializer never unpickles, whatever the
+            # message claims to be (the flag is written by the producer).
             return self._loads(main)
         if custom != _MSG_PICKLE:
             raise pickle.UnpicklingError(f"unknown queue message kind {custom}")
@@ -259,7 +261,9 @@ class Queue:
             self._register()
         msg = self._core.get_raw(block, timeout)
         if type(msg) is bytes:                # unserialize after releasing the lock
-            return msg if self._core.last_kind == _MSG_RAW_BYTES else _loads(msg)
+            if self._core.last_kind == _MSG_RAW_BYTES:
+                return msg
+            return _loads(msg) if self._loads is None else self._loads(msg)
         return self._deserialize(msg)
 
     def get_nocopy(self, block: bool = True, timeout: float | None = None):

@@ -160,7 +160,9 @@ class Segment:
             raise PermissionError(errno.EACCES, f"not allowed to open segment {name}: {e}") from None
         try:
             size = os.fstat(shm.fd).st_size
-            if size == 0 or (expect_size is not None and size != expect_size):
+            if size == 0:
+                raise ValueError(f"segment {name} is empty (0 bytes): not an initialised segment")
+            if expect_size is not None and size != expect_size:
                 raise ValueError(f"segment {name} has {size} bytes, expected {expect_size}")
             m = mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
