@@ -8,6 +8,7 @@ around loops and sleeps.  The ring format itself is described in
 vringipc/layout.py.
 """
 
+cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 from libc.errno cimport errno, EINTR, EAGAIN, EINVAL, ENOSPC, EMSGSIZE
@@ -268,6 +269,7 @@ cdef int64_t _remaining(int64_t deadline) noexcept nogil:
     return r if r > 0 else 0
 
 
+@cython.no_gc_clear      # tp_clear must never drop view.obj without PyBuffer_Release
 cdef class _Mapped:
     """Holds a writable buffer export of the segment for as long as a ring side
     uses it: the mapping cannot be closed or resized underneath.  `pins` counts
@@ -619,10 +621,14 @@ cdef class VringHost:
             raise ValueError("getdesc needs riov, wiov or both")
         if riov is wiov:
             raise ValueError("riov and wiov must be different Iov objects")
+        # Bind the iovs to this ring and empty them first: whatever happens
+        # below, they never keep segments validated against another mapping.
         if riov is not None:
+            vrh_iov_rewind(&riov.iov)
             riov.mapped = self.mapped
             riov.writable = False
         if wiov is not None:
+            vrh_iov_rewind(&wiov.iov)
             wiov.mapped = self.mapped
             wiov.writable = True
         rc = vrh_getdesc(&self.h, &riov.iov if riov is not None else NULL,

@@ -12,7 +12,7 @@
 # say what was wrong.
 
 from libc.errno cimport EINVAL, ELOOP, EPROTO, EMSGSIZE, E2BIG, ENOMEM
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memmove, memset
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawRealloc, PyMem_RawFree
 
 # Why a ring or descriptor was rejected; messages are in _ring.pyx REASONS.
@@ -427,7 +427,8 @@ cdef inline uint64_t vrh_iov_pull(vr_iov *iov, const uint8_t *base, uint8_t *dst
         if part > n - done:
             part = n - done
         if dst != NULL:
-            memcpy(dst + done, base + s.off + iov.consumed, part)
+            # memmove: the destination may be a view of the same shared memory
+            memmove(dst + done, base + s.off + iov.consumed, part)
         done += part
         iov.consumed += <uint32_t>part
         if iov.consumed == s.len:
@@ -448,7 +449,7 @@ cdef inline uint64_t vrh_iov_push(vr_iov *iov, uint8_t *base, const uint8_t *src
         part = s.len - iov.consumed
         if part > n - done:
             part = n - done
-        memcpy(base + s.off + iov.consumed, src + done, part)
+        memmove(base + s.off + iov.consumed, src + done, part)   # src may alias the segment
         done += part
         iov.consumed += <uint32_t>part
         if iov.consumed == s.len:
