@@ -18,6 +18,7 @@ import gc
 import importlib.util
 import mmap
 import os
+import random
 import re
 import subprocess
 import sys
@@ -107,20 +108,49 @@ HYP = dict(deadline=None, database=None, derandomize=True,
            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+def _mutate(seed: bytes, edits) -> bytes:
+    b = bytearray(seed)
+    for pos, val in edits:
+        if b:
+            b[pos % len(b)] = val
+    return bytes(b)
+
+
+def _inputs(target, max_size):
+    """Hypothesis's own bytes (small, zero-heavy: they mostly end in setup), plain
+    random bytes of a useful size, and corpus inputs with a few bytes changed
+    (these get past setup into long operation sequences)."""
+    seeds = []
+    d = os.path.join(CORPUS, target)
+    for name in sorted(os.listdir(d)) if os.path.isdir(d) else ():
+        with open(os.path.join(d, name), "rb") as f:
+            seeds.append(f.read())
+    strategies = [
+        st.binary(min_size=0, max_size=max_size),
+        st.builds(lambda seed, n: random.Random(seed).randbytes(n), st.integers(0, 2**32 - 1),
+                  st.integers(32, max_size)),
+    ]
+    if seeds:
+        strategies.append(st.builds(_mutate, st.sampled_from(seeds),
+                                    st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)),
+                                             min_size=1, max_size=8)))
+    return st.one_of(strategies)
+
+
 @settings(max_examples=200, **HYP)
-@given(st.binary(min_size=0, max_size=3000))
+@given(_inputs("host", 3000))
 def test_hypothesis_host(data):
     fh.one_input(data, "host", "skip", None)
 
 
 @settings(max_examples=150, **HYP)
-@given(st.binary(min_size=0, max_size=2000))
+@given(_inputs("driver", 2000))
 def test_hypothesis_driver(data):
     fh.one_input(data, "driver", "skip", None)
 
 
 @settings(max_examples=100, **HYP)
-@given(st.binary(min_size=0, max_size=4200))
+@given(_inputs("header", 4200))
 def test_hypothesis_header(data):
     fh.one_input(data, "header", "skip", None)
 

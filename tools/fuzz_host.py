@@ -1681,7 +1681,7 @@ def _worker(args, extra):
     atheris.Fuzz()
 
 
-def _fuzz(args):
+def _fuzz(args, extra=()):
     import re
     import subprocess
     import tempfile
@@ -1704,6 +1704,11 @@ def _fuzz(args):
     if os.path.isdir(reg):
         seeds.append(reg)
     print(f"fuzz target={args.target} build={args.build} ({kind}) corpus={corpus} artifacts={art}", flush=True)
+    if kind == "asan":
+        print("  WARNING: gcc's libasan, preloaded first, also defines the __sanitizer_cov_* callbacks and "
+              "shadows libFuzzer's: atheris gets no coverage at all (cov stays unset), so this run is blind "
+              "random testing under ASAN.  Fuzz with the clang build (tools/README.md); use this build to "
+              "--replay a corpus under gcc's ASAN.", flush=True)
     deadline = time.monotonic() + args.seconds
     execs = 0
     cov = ft = None
@@ -1722,7 +1727,7 @@ def _fuzz(args):
                f"-max_total_time={left}", f"-timeout={args.timeout}", f"-rss_limit_mb={args.rss_mb}",
                f"-malloc_limit_mb={args.malloc_mb}", f"-max_len={args.max_len}",
                f"-artifact_prefix={os.path.abspath(art)}/", "-print_final_stats=1", "-len_control=0",
-               corpus] + seeds
+               *extra, corpus] + seeds
         runs += 1
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              errors="replace")
@@ -1795,7 +1800,7 @@ def _replay(args):
                 import traceback
                 traceback.print_exc()
     if stats:
-        print("known bugs reached:", stats)
+        print("harness counters (known bugs and operations):", stats)
     print(f"{len(files)} inputs, {bad} failing")
     return 1 if bad else 0
 
@@ -1839,7 +1844,7 @@ def main(argv=None):
         return _replay(args)
     args.target = args.target or "host"
     args.known = args.known or "skip"
-    return _fuzz(args)
+    return _fuzz(args, extra)
 
 
 if __name__ == "__main__":
