@@ -155,7 +155,6 @@ def test_hypothesis_header(data):
     fh.one_input(data, "header", "skip", None)
 
 
-@pytest.mark.xfail(strict=True, raises=BufferError, reason=fh.KNOWN_BUGS["mapped-gc-clear"])
 def test_gc_of_ring_and_iov_releases_the_buffer():
     from vringipc import layout
     from vringipc._ring import Iov, VringHost
@@ -178,12 +177,9 @@ def test_gc_of_ring_and_iov_releases_the_buffer():
 # Under an ASAN build (VRINGIPC_FUZZ_ASAN_BUILD=<dir with an ASAN vringipc>, see
 # tools/README.md) these inputs, replayed with --known ignore, make the bad call
 # and must produce an AddressSanitizer report until the bug is fixed.
-ASAN_CRASHERS = {
-    "host/asan-iov-copy-overlap--echo-push.bin": "memcpy-param-overlap",
-    "host/bug-iov-stale-rebind--cross-ring.bin": "heap-buffer-overflow",
-    "host/bug-verbs-after-close--host.bin": "heap-use-after-free",
-    "driver/bug-verbs-after-close--driver.bin": "heap-use-after-free",
-}
+# Inputs that crashed an ASAN build before their bug was fixed (all fixed now:
+# the bug-* files were renamed reg-*); an entry here makes its replay an xfail.
+ASAN_CRASHERS: dict = {}
 ASAN_BUILD = os.environ.get("VRINGIPC_FUZZ_ASAN_BUILD")
 
 
