@@ -451,6 +451,28 @@ cdef class QueueCore:
         if vr_load_relaxed_u32(sleepers) != 0:
             _signal_fd(fd)
 
+    cdef int _spin(self, uint16_t *idx, uint16_t while_equal, int64_t deadline) except -1:
+        """Busy-wait (GIL released) up to spin_ns for *idx to leave
+        `while_equal`, in 20 ms slices with a signal check between them."""
+        cdef int64_t left = self.spin_ns
+        cdef int64_t end
+        cdef bint moved = False
+        while left > 0 and not moved:
+            end = <int64_t>vr_now_ns() + (left if left < 20_000_000 else 20_000_000)
+            if deadline >= 0 and end > deadline:
+                end = deadline
+            with nogil:
+                while <int64_t>vr_now_ns() < end:
+                    if vr_load_relaxed_u16(idx) != while_equal:
+                        moved = True
+                        break
+                    vr_cpu_relax()
+            left -= 20_000_000
+            if deadline >= 0 and _remaining(deadline) == 0:
+                break
+            PyErr_CheckSignals()
+        return 0
+
     cdef int _doze(self, int fd, int64_t deadline) except -1:
         """Sleep on fd until signalled or the deadline (in slices of 100 ms when
         a check() is set).  1 = woken or slice over, 0 = deadline passed."""
@@ -516,12 +538,7 @@ cdef class QueueCore:
             if deadline == -2:
                 # brief spin: room usually appears within microseconds
                 deadline = _deadline(timeout)
-                seen = vr_load_relaxed_u16(&self.used.idx)
-                spin_end = <int64_t>vr_now_ns() + self.spin_ns
-                with nogil:
-                    while <int64_t>vr_now_ns() < spin_end and \
-                            vr_load_relaxed_u16(&self.used.idx) == seen:
-                        vr_cpu_relax()
+                self._spin(&self.used.idx, vr_load_relaxed_u16(&self.used.idx), deadline)
                 continue
             # Announce ourselves, then try once more: a consumer that freed
             # room before seeing the announcement is caught by this retry,
@@ -768,11 +785,7 @@ cdef class QueueCore:
                 raise Empty()
             if deadline == -2:
                 deadline = _deadline(timeout)
-                spin_end = <int64_t>vr_now_ns() + self.spin_ns
-                with nogil:
-                    while <int64_t>vr_now_ns() < spin_end and \
-                            vr_load_relaxed_u16(&self.avail.idx) == vr_load_relaxed_u16(&self.used.idx):
-                        vr_cpu_relax()
+                self._spin(&self.avail.idx, vr_load_relaxed_u16(&self.used.idx), deadline)
                 continue
             vr_fetch_add_u32(self.get_sleepers, 1)
             try:
