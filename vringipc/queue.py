@@ -16,8 +16,9 @@ number of producer and consumer processes.  Differences, all deliberate:
   can never fit raises MessageTooLarge (a ValueError) at once.
 * ``qsize()`` works everywhere (it reads the ring indices) and is approximate,
   like the stdlib's.
-* A blocked call raises PeerDead once every other process that used the queue
-  has died, instead of hanging.
+* A call blocked without a timeout raises PeerDead once every other process
+  that used the queue has died, instead of hanging (with a timeout it ends
+  with Empty/Full at the deadline, as the stdlib's does).
 
 MPMC on a split ring: a split ring has one driver and one device.  Here each
 side (all producers, all consumers) shares its ring state in the segment and
