@@ -6,6 +6,7 @@ nothing else.  Works with fork, spawn and forkserver.
 
 import multiprocessing as mp
 import sys
+from typing import Any
 
 from vringipc import Queue  # was: from multiprocessing import Queue
 
@@ -19,7 +20,7 @@ def worker(tasks, results):
 
 
 def main(method: str = "spawn") -> None:
-    ctx = mp.get_context(method)
+    ctx: Any = mp.get_context(method)      # typeshed says BaseContext, which lacks .Process
     tasks, results = Queue(), Queue()
     procs = [ctx.Process(target=worker, args=(tasks, results)) for _ in range(2)]
     for p in procs:
