@@ -176,14 +176,22 @@ class _Base:
         self._waiters: "weakref.WeakSet[_Waiter]" = weakref.WeakSet()
         self._closed = False
 
+    def _due(self) -> bool:
+        """Fairness: True once every `yield_every` calls that did not have to
+        wait, when the caller should yield to the loop (a plain call, so the
+        fast path awaits nothing)."""
+        if not self._yield_every:
+            return False
+        self._streak += 1
+        if self._streak < self._yield_every:
+            return False
+        self._streak = 0
+        return True
+
     async def _fair(self) -> None:
-        """Called before a non-blocking attempt: yield to the loop once every
-        `yield_every` calls that did not have to wait."""
-        if self._yield_every:
-            self._streak += 1
-            if self._streak >= self._yield_every:
-                self._streak = 0
-                await asyncio.sleep(0)
+        """Called before a non-blocking attempt: yield to the loop when due."""
+        if self._due():
+            await asyncio.sleep(0)
 
     async def _wait(self, fds, timeout):
         """Wait until one of `fds` is readable (returns it) or `timeout` passes
@@ -277,11 +285,8 @@ class AsyncChannel(_Base):
     # only fall back to _receive when they have to wait.
     async def recv(self) -> bytes:
         """The next message as bytes."""
-        if self._yield_every:
-            self._streak += 1
-            if self._streak >= self._yield_every:
-                self._streak = 0
-                await asyncio.sleep(0)
+        if self._due():
+            await asyncio.sleep(0)
         try:
             return self._ch.recv(False)
         except Empty:
@@ -291,11 +296,8 @@ class AsyncChannel(_Base):
     async def recv_view(self):
         """The next message as a read-only MessageView of shared memory (no
         copy); release it (or use ``with``) to give its buffer back."""
-        if self._yield_every:
-            self._streak += 1
-            if self._streak >= self._yield_every:
-                self._streak = 0
-                await asyncio.sleep(0)
+        if self._due():
+            await asyncio.sleep(0)
         try:
             return self._ch.recv_view(False)
         except Empty:
@@ -319,11 +321,8 @@ class AsyncChannel(_Base):
     async def send(self, data) -> None:
         """Copy a bytes-like message into shared memory and publish it, waiting
         (without blocking the loop) while the channel is full."""
-        if self._yield_every:
-            self._streak += 1
-            if self._streak >= self._yield_every:
-                self._streak = 0
-                await asyncio.sleep(0)
+        if self._due():
+            await asyncio.sleep(0)
         try:
             self._ch.send(data, False)
         except Full:
@@ -511,11 +510,8 @@ class AsyncQueue(_Base):
 
     async def get(self):
         """Remove and return an item."""
-        if self._yield_every:
-            self._streak += 1
-            if self._streak >= self._yield_every:
-                self._streak = 0
-                await asyncio.sleep(0)
+        if self._due():
+            await asyncio.sleep(0)
         try:
             return self._q.get(False)
         except Empty:
