@@ -32,9 +32,7 @@ import pickle
 import random
 import signal
 import struct
-import sys
 import time
-import traceback
 import zlib
 
 import pytest
@@ -44,53 +42,33 @@ from vringipc import layout as L
 from vringipc import peers
 from vringipc._ring import QUEUE_OFFSETS
 
+from forking import Forked
+
 WAIT = 10.0                      # bound for waits that must end for another reason
 pytestmark = pytest.mark.timeout(60)
 
 
 # --- helpers ---------------------------------------------------------------------------
 
-class Child:
+class Child(Forked):
     """fn(report, *args) in a forked child.  report(obj) appends obj to a file
     the parent reads after the child is gone (survives the child's SIGKILL).
     Exit 0 if fn returned, 1 if it raised.  Always reaped (kill() on exit)."""
 
     def __init__(self, tmp_path, fn, *args):
-        self.status = None
         self.path = str(tmp_path / f"rep_{random.getrandbits(48):012x}")
         fd = os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
-        self.pid = os.fork()
-        if self.pid == 0:                          # pragma: no cover - child
-            code = 1
 
-            def report(obj):
-                data = pickle.dumps(obj)
-                os.write(fd, struct.pack("<I", len(data)) + data)
-            try:
-                fn(report, *args)
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                with contextlib.suppress(Exception):
-                    sys.stderr.flush()
-                os._exit(code)
-        os.close(fd)
+        def report(obj):
+            data = pickle.dumps(obj)
+            os.write(fd, struct.pack("<I", len(data)) + data)
+        try:
+            super().__init__(fn, report, *args)
+        finally:
+            os.close(fd)
 
     def join(self, timeout: float = WAIT) -> int:
-        """Exit code (or -signal); kills the child and fails after timeout."""
-        if self.status is None:
-            end = time.monotonic() + timeout
-            while True:
-                pid, st = os.waitpid(self.pid, os.WNOHANG)
-                if pid:
-                    self.status = st
-                    break
-                if time.monotonic() > end:
-                    self.kill()
-                    raise AssertionError(f"child {self.pid} still running after {timeout}s (hang)")
-                time.sleep(0.002)
-        return os.waitstatus_to_exitcode(self.status)
+        return super().join(timeout)
 
     def finished_within(self, timeout: float) -> bool:
         """True if it exited within timeout; otherwise it is killed (and reaped)."""
@@ -113,12 +91,6 @@ class Child:
             pos += 4 + n
         return out
 
-    def kill(self) -> None:
-        if self.status is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            _, self.status = os.waitpid(self.pid, 0)
-
     def stop(self) -> None:
         """SIGSTOP and wait until the child is stopped."""
         os.kill(self.pid, signal.SIGSTOP)
@@ -128,11 +100,8 @@ class Child:
     def cont(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, *exc):
-        self.kill()
+        super().__exit__(*exc)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
 

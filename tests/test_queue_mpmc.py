@@ -21,7 +21,6 @@ import zlib
 import numpy as np
 import pytest
 
-import vringipc
 from vringipc import JoinableQueue, MessageTooLarge, PeerDead, Queue
 from vringipc._ring import QUEUE_OFFSETS
 

@@ -35,7 +35,7 @@ import weakref
 from vringipc import layout as L
 from vringipc import peers
 from vringipc._ring import ChannelReceiver, ChannelSender
-from vringipc.errors import ChannelClosed, Empty, PeerDead, VringError
+from vringipc.errors import ChannelClosed, PeerDead, VringError
 from vringipc.ring import SharedRing
 
 __all__ = ["Channel"]
