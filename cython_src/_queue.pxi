@@ -309,23 +309,15 @@ cdef class QueueCore:
         self.maxsize = vr_load_relaxed_u64(<uint64_t *>(self.base + Q_MAXSIZE_OFF))
         # The private walker validates every chain like VringHost does: a
         # message's bytes must lie in the data region.
-        memset(&self.h, 0, sizeof(vrh_t))
-        self.h.base = self.base
-        self.h.num = num
-        self.h.mask = num - 1
-        self.h.desc = self.desc
-        self.h.avail = self.avail
-        self.h.used = self.used
-        self.h.arena_lo = self.data_off
-        self.h.arena_hi = self.data_off + self.data_size
-        self.h.max_msg = max_msg
-        self.h.max_iov = max_iov
+        _vrh_setup(&self.h, self.mapped, num, desc_off, avail_off, used_off, self.data_off,
+                   self.data_size, 0, max_msg, max_iov, False)
         self.kick_fd = kick_fd
         self.call_fd = call_fd
         self.join_fd = join_fd
         self.spin_ns = spin_ns
 
     def __dealloc__(self):
+        _vrh_free(&self.h)
         PyMem_RawFree(self.riov.seg)
 
     def close(self):
