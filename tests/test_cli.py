@@ -110,7 +110,7 @@ def test_help_explains_every_mode(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for word in ("demo", "bench", "ls", "inspect", "gc"):
+    for word in ("bench", "ls", "inspect", "gc"):
         assert word in out
 
 

@@ -86,10 +86,6 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="vringipc",
         description="vringipc: inter-process messaging over a virtio split ring in shared memory.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
-    d = sub.add_parser("demo", help="move messages between two processes and print the figures "
-                                    "beside an os.pipe baseline measured in the same run")
-    d.add_argument("--quick", action="store_true", help="a few seconds instead of ~15")
-
     b = sub.add_parser(
         "bench", help="latency and throughput benchmarks against other transports",
         description="Benchmarks: round-trip latency, throughput, and a comparison with the "
@@ -150,9 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if args.cmd == "demo":
-        from vringipc import demo
-        return demo.main(quick=args.quick)
     if args.cmd == "bench":
         if args.bench_cmd is None:
             parser._bench_parser.print_help()
