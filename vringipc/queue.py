@@ -145,11 +145,13 @@ class Queue:
         self._closed = False
         if init:
             self._register()               # the creator counts as a user (it may put)
-        if dumps is None and loads is None and not self._joinable:
-            # Hot path: q.put / q.get are the Cython methods themselves (they
-            # pickle, register this process once, and check closed).
-            self.put = self._core.put
+        # Hot path: q.put / q.get are the Cython methods themselves (they
+        # pickle, register this process once, and check closed).  A
+        # JoinableQueue's put also counts the task, so only its get is bound.
+        if loads is None:
             self.get = self._core.get
+        if dumps is None and not self._joinable:
+            self.put = self._core.put
 
     # --- peers ---------------------------------------------------------------------
     def _register(self) -> None:
