@@ -94,3 +94,29 @@ def test_connect_to_a_non_vringipc_socket_fails(tmp_path):
     finally:
         t.join()
         srv.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another user")
+def test_another_user_cannot_take_the_offer(tmp_path):
+    os.chmod(tmp_path, 0o755)                    # the directory is reachable, the socket is not
+    path = str(tmp_path / "ch.sock")
+    with vringipc.Channel(capacity=4096) as ch:
+        with handoff.Offer(ch, path) as offer:
+            pid = os.fork()
+            if pid == 0:                         # pragma: no cover - child
+                code = 3
+                try:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    handoff.connect(path, timeout=5)
+                    code = 1                     # got it: wrong
+                except PermissionError:
+                    code = 0
+                except BaseException:
+                    code = 2
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert offer.serve(count=1, timeout=0.2) == 0    # nobody was served
