@@ -479,7 +479,7 @@ cdef class QueueCore:
                 vr_sleep_ns(50_000)
             return 1
         with nogil:
-            rc = _wait_fds(fd, -1, rem)
+            rc = _wait_fds(fd, -1, -1, rem)
         if rc == -EINTR:
             PyErr_CheckSignals()
         elif rc < 0:
@@ -877,7 +877,7 @@ cdef class QueueCore:
                 if rem < 0 or rem > 100_000_000:
                     rem = 100_000_000
                 with nogil:
-                    rc = _wait_fds(self.join_fd, -1, rem)
+                    rc = _wait_fds(self.join_fd, -1, -1, rem)
                 if rc == -EINTR:
                     PyErr_CheckSignals()
             finally:
