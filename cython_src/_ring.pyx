@@ -36,13 +36,6 @@ cdef extern from "<poll.h>" nogil:
 cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void *buf, size_t count)
     ssize_t write(int fd, const void *buf, size_t count)
-    int close_fd "close"(int fd)
-
-cdef extern from "<sys/eventfd.h>" nogil:
-    int eventfd(unsigned int initval, int flags)
-    enum:
-        EFD_NONBLOCK
-        EFD_CLOEXEC
 
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
@@ -126,36 +119,23 @@ def check_ring_geometry(Py_ssize_t size, uint64_t num, uint64_t desc_off, uint64
         raise ValueError("the arena cannot start at offset 0")
 
 
-cdef int _wait_fds(int fd, int peer_fd, int wake_fd, int64_t timeout_ns) noexcept nogil:
-    """Sleep until fd (an eventfd), peer_fd (a pidfd, -1 = none) or wake_fd
-    (the side's close() wake-up, -1 = none) is readable, or timeout_ns passes
-    (<0 = forever); drain the eventfd.  1 = eventfd readable, 2 = the peer
-    exited, 3 = closed under us, 0 = timeout, -errno (-EINTR: a signal
-    arrived, check it).  wake_fd is never drained: once close() wrote it,
-    every sleeper of this process returns at once."""
-    cdef pollfd p[3]
+cdef int _wait_fds(int fd, int peer_fd, int64_t timeout_ns) noexcept nogil:
+    """Sleep until fd (an eventfd) or peer_fd (a pidfd, -1 = none) is readable,
+    or timeout_ns passes (<0 = forever); drain the eventfd.
+    1 = eventfd readable, 2 = the peer exited, 0 = timeout, -errno (-EINTR: a
+    signal arrived, check it)."""
+    cdef pollfd p[2]
     cdef uint64_t buf
     cdef int ms, rc
-    cdef unsigned long n = 0
-    cdef int ifd = -1, ipeer = -1, iwake = -1
-    if fd >= 0:
-        ifd = n
-        p[n].fd = fd
-        p[n].events = POLLIN
-        p[n].revents = 0
-        n += 1
+    cdef unsigned long n = 1
+    p[0].fd = fd
+    p[0].events = POLLIN
+    p[0].revents = 0
     if peer_fd >= 0:
-        ipeer = n
-        p[n].fd = peer_fd
-        p[n].events = POLLIN
-        p[n].revents = 0
-        n += 1
-    if wake_fd >= 0:
-        iwake = n
-        p[n].fd = wake_fd
-        p[n].events = POLLIN
-        p[n].revents = 0
-        n += 1
+        p[1].fd = peer_fd
+        p[1].events = POLLIN
+        p[1].revents = 0
+        n = 2
     if timeout_ns < 0:
         ms = -1
     else:
@@ -165,9 +145,7 @@ cdef int _wait_fds(int fd, int peer_fd, int wake_fd, int64_t timeout_ns) noexcep
         return -errno
     if rc == 0:
         return 0
-    if iwake >= 0 and p[iwake].revents:
-        return 3
-    if ifd >= 0 and p[ifd].revents:
+    if p[0].revents:
         # eventfd: one read drains the counter (a kick storm costs one wake-up).
         read(fd, &buf, 8)
         return 1
@@ -217,7 +195,6 @@ cdef int _wait_ring(void *ring, pending_fn pending, arm_fn arm, disarm_fn disarm
     cdef bint got = False
     cdef int64_t chunk = <int64_t>(check_interval * 1e9) if check is not None else -1
     cdef int64_t next_check = <int64_t>vr_now_ns() + chunk
-    cdef int wake_fd
     if pending(ring):
         return 1
     # Spin phase, in slices so that Ctrl-C is seen even with a long spin.
@@ -241,7 +218,6 @@ cdef int _wait_ring(void *ring, pending_fn pending, arm_fn arm, disarm_fn disarm
         if deadline >= 0 and _remaining(deadline) == 0:
             return 0
         PyErr_CheckSignals()
-    wake_fd = m.sleep_fd()
     while True:
         m.check()
         # arm() (re)writes our suppression word every slice: see SLEEP_SLICE_NS
@@ -263,7 +239,7 @@ cdef int _wait_ring(void *ring, pending_fn pending, arm_fn arm, disarm_fn disarm
             rc = 0
         else:
             with nogil:
-                rc = _wait_fds(fd, peer_fd, wake_fd, rem)
+                rc = _wait_fds(fd, peer_fd, rem)
         disarm(ring)
         if rc == -EINTR:
             PyErr_CheckSignals()
@@ -320,12 +296,13 @@ cdef class _Mapped:
     * ``pins``: objects that hand out raw pointers into the segment (message
       views, loans, held queue messages).
 
-    close() marks the side closed (new calls raise ValueError), wakes every
-    sleeper of this process through ``wake_fd`` (a process-local eventfd that
-    is written once and never drained, so no sleeper can miss it), and runs
-    the finalizer -- which releases the buffer export and lets the owner close
-    its eventfds and unmap -- only when the last call has left and the last
-    pin is gone.  Everything runs with the GIL held, so the counts need no
+    close() marks the side closed (new calls raise ValueError), wakes the
+    sleepers by writing the side's own eventfds (`wake_fds`; a sleeper that
+    misses the write because another drained it first still sees the flag
+    within one sleep slice, SLEEP_SLICE_NS: every sleep is sliced), and runs
+    the finalizers -- which let the owner close its eventfds and unmap --
+    only when the last call has left and the last pin is gone.  No extra
+    descriptor per object.  Everything runs with the GIL held, so the counts need no
     atomics."""
     cdef Py_buffer view
     cdef bint has_view
@@ -335,7 +312,6 @@ cdef class _Mapped:
     cdef public int pins
     cdef public int calls
     cdef public bint closing
-    cdef int wake_fd
     cdef list finalizers
     cdef str what
 
@@ -345,7 +321,6 @@ cdef class _Mapped:
         self.base = <uint8_t *>self.view.buf
         self.size = self.view.len
         self.mv = memoryview(buffer).cast("B")
-        self.wake_fd = -1
         self.finalizers = []
         self.what = what
 
@@ -353,9 +328,6 @@ cdef class _Mapped:
         if self.has_view:
             PyBuffer_Release(&self.view)
             self.has_view = False
-        if self.wake_fd >= 0:
-            close_fd(self.wake_fd)
-            self.wake_fd = -1
 
     cdef int enter(self) except -1:
         """Start a call: ValueError if closed."""
@@ -375,25 +347,17 @@ cdef class _Mapped:
             raise ValueError(f"{self.what} was closed while waiting")
         return 0
 
-    cdef int sleep_fd(self) except -2:
-        """The fd close() wakes us through (created on first sleep: an idle
-        side costs no descriptor)."""
-        if self.wake_fd < 0 and not self.closing:
-            self.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-            if self.wake_fd < 0:
-                raise OSError(errno, "eventfd failed")
-        return self.wake_fd
-
-    def close(self, finalizer=None):
-        """Mark closed, wake this process's sleepers; `finalizer` (if any)
-        runs once nothing uses the mapping any more (maybe right now)."""
-        cdef uint64_t one = 1
+    def close(self, finalizer=None, wake_fds=()):
+        """Mark closed, wake the sleepers (write each of `wake_fds`, the
+        eventfds they sleep on); `finalizer` (if any) runs once nothing uses
+        the mapping any more (maybe right now)."""
         if finalizer is not None:
             self.finalizers.append(finalizer)
         if not self.closing:
             self.closing = True
-            if self.wake_fd >= 0:
-                write(self.wake_fd, &one, 8)
+            if self.calls:
+                for fd in wake_fds:
+                    _signal_fd(fd)
         if self.calls == 0 and self.pins == 0:
             self._finish()
 
@@ -410,9 +374,6 @@ cdef class _Mapped:
         if self.has_view:
             PyBuffer_Release(&self.view)
             self.has_view = False
-        if self.wake_fd >= 0:
-            close_fd(self.wake_fd)
-            self.wake_fd = -1
         fins, self.finalizers = self.finalizers, []
         for f in fins:
             try:
@@ -698,7 +659,7 @@ cdef class VringHost:
         """Close this side (idempotent): later calls raise ValueError, a call
         blocked in another thread wakes up and raises ValueError; the mapping
         is let go when the last call in flight has returned."""
-        self.mapped.close()
+        self.mapped.close(wake_fds=(self.kick_fd,))
 
     cdef inline _check_open(self):
         if self.mapped.closing:
@@ -999,7 +960,7 @@ cdef class VringDriver:
 
     def close(self):
         """Close this side (idempotent; same protocol as VringHost.close)."""
-        self.mapped.close()
+        self.mapped.close(wake_fds=(self.call_fd,))
 
     cdef inline _check_open(self):
         if self.mapped.closing:
