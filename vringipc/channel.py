@@ -90,6 +90,9 @@ class Channel:
         self._spin_ns = int(spin * 1e9)
         self._pidfd = -1
         self._pidfd_owner = None
+        # weak callables run first thing in close() (vringipc.aio: wake the
+        # waits that poll our eventfds before they are closed)
+        self._close_hooks: list = []
         _live_channels.add(self)
 
     # --- identity -------------------------------------------------------------
@@ -212,6 +215,7 @@ class Channel:
         # In a forked child: the parent's private ring state is not ours.
         self._tx = None
         self._rx = None
+        self._close_hooks = []          # the parent's event loops are not ours
         for attr in self._BOUND:
             self.__dict__.pop(attr, None)
         if self._pidfd >= 0:
@@ -369,6 +373,11 @@ class Channel:
         if self._closed or self._ring is None:
             return
         self._closed = True
+        for ref in self._close_hooks:
+            hook = ref()
+            if hook is not None:
+                hook()
+        self._close_hooks = []
         words = self._ring.words
         for attr in self._BOUND:
             self.__dict__.pop(attr, None)
