@@ -336,6 +336,7 @@ cdef class _Mapped:
     cdef public int calls
     cdef public bint closing
     cdef int wake_fd
+    cdef uint32_t wake_pid    # the process wake_fd belongs to (a forked child has a copy)
     cdef list finalizers
     cdef str what
 
@@ -378,10 +379,14 @@ cdef class _Mapped:
     cdef int sleep_fd(self) except -2:
         """The fd close() wakes us through (created on first sleep: an idle
         side costs no descriptor)."""
+        if self.wake_fd >= 0 and self.wake_pid != vr_getpid():
+            close_fd(self.wake_fd)          # inherited by fork: the parent's sleepers' fd
+            self.wake_fd = -1
         if self.wake_fd < 0 and not self.closing:
             self.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
             if self.wake_fd < 0:
                 raise OSError(errno, "eventfd failed")
+            self.wake_pid = vr_getpid()
         return self.wake_fd
 
     def close(self, finalizer=None):
@@ -392,7 +397,7 @@ cdef class _Mapped:
             self.finalizers.append(finalizer)
         if not self.closing:
             self.closing = True
-            if self.wake_fd >= 0:
+            if self.wake_fd >= 0 and self.wake_pid == vr_getpid():
                 write(self.wake_fd, &one, 8)
         if self.calls == 0 and self.pins == 0:
             self._finish()

@@ -152,3 +152,28 @@ def test_driver_wait_used_forever_survives_overwritten_suppression_word(event_id
 def _iovs():
     from vringipc._ring import Iov
     return Iov(), Iov()
+
+
+# --- fork: a child's close() is not the parent's ----------------------------------------------
+
+def _close_in_child(ring, host):
+    host.close()
+    ring.close()
+
+
+@pytest.mark.timeout(60)
+def test_child_closing_an_inherited_side_does_not_wake_the_parent():
+    # The close() wake-up eventfd is per process: a forked child that closes
+    # its copy of the ring must not leave the parent's waits waking at once
+    # (they would spin: that fd is never drained).
+    with _ring(True) as ring:
+        host = ring.host()
+        assert host.wait(timeout=0.01, spin=0) is False     # creates the wake-up fd
+        from forking import Forked
+        with Forked(_close_in_child, ring, host) as p:
+            assert p.join() == 0
+        checks = []
+        assert host.wait(timeout=0.3, spin=0, check=lambda: checks.append(1),
+                         check_interval=0.1) is False
+        # a sleep brings ~1 check per check_interval; a spurious wake-up one each
+        assert len(checks) < 20, f"{len(checks)} wake-ups in 0.3 s: the wait spins"
