@@ -81,10 +81,22 @@ def _add_throughput(p: argparse.ArgumentParser, compare: bool = False) -> None:
                         "SPSC transports need N == M and run N links")
 
 
+def version() -> str:
+    """The installed distribution's version; from a source tree without an
+    install, the package's own __version__."""
+    from importlib import metadata
+    try:
+        return metadata.version("vringipc")
+    except metadata.PackageNotFoundError:
+        import vringipc
+        return vringipc.__version__
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vringipc",
         description="vringipc: inter-process messaging over a virtio split ring in shared memory.")
+    p.add_argument("--version", action="version", version=f"vringipc {version()}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     b = sub.add_parser(
         "bench", help="latency and throughput benchmarks against other transports",
