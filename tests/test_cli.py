@@ -475,3 +475,54 @@ def test_ls_reports_foreign_files(tmp_path):
     (info,) = S.scan(shm_dir=str(tmp_path))
     assert not info["valid"] and "smaller than" in info["error"]
     assert S.gc_verdict({"creator_pid": None})[0] is False
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"vringipc \d+\.\d+\.\d+\S*", out), out
+    import vringipc
+    assert out.split()[1] == cli.version()
+    assert vringipc.__version__ == cli.version() or "dev" in cli.version()
+
+
+def _columns(header: str) -> list[tuple[int, int]]:
+    """(start, end) of each header cell (cells are separated by 2+ spaces)."""
+    return [m.span() for m in re.finditer(r"\S+(?: \S+)*", header)]
+
+
+def test_ls_columns_line_up():
+    # long cells: a queue with many users, dead and detached peers, a big pid
+    queue = {"name": "/vr_3fffff_0123456789ab", "size": 64 << 20, "valid": True,
+             "creator_pid": 4194303, "creator_alive": False, "app_kind": "queue",
+             "rings": [{"avail_idx": 65535, "used_idx": 65530}], "created": "2026-01-01T00:00:00",
+             "queue_users": [{"pid": p, "alive": p % 2 == 0} for p in range(1000, 1012)],
+             "driver": None, "device": None}
+    chan = dict(queue, name="/vr_1_0123456789ab", app_kind="channel", queue_users=None,
+                creator_alive=True,
+                driver={"pid": 4194302, "alive": False, "state": "detached"},
+                device={"pid": 4194301, "alive": True, "state": "attached"})
+    bad = {"name": "/vr_2_0123456789ab", "size": 100, "valid": False, "creator_pid": 2,
+           "creator_alive": False, "error": "smaller than a header"}
+    text = S.ls_table([queue, chan, bad])
+    lines = text.splitlines()
+    head = lines[0]
+    spans = _columns(head)
+    assert [head[a:b] for a, b in spans] == list(S.LS_COLUMNS)
+    rows = S.ls_rows([queue, chan, bad])
+    assert rows[0]["queue users"] == "6 live of 12"
+    assert rows[0]["producer"] == rows[0]["consumer"] == "-"     # a queue has no single one
+    assert rows[1]["producer"] == "4194302 dead detached"
+    for line, row in zip(lines[2:], rows):
+        # each cell starts where its header starts (ends there, for the
+        # right-aligned size and avail/used), with a gap of 2+ spaces around it
+        for (a, b), col in zip(spans, S.LS_COLUMNS):
+            v = row[col]
+            start = a if col not in ("size", "avail/used") else b - len(v)
+            assert line[start:start + len(v)] == v, (col, line)
+            assert start == 0 or line[start - 2:start] == "  ", (col, line)
+            after = line[start + len(v):start + len(v) + 2]
+            assert after in ("  ", ""), (col, line)
+    assert lines[4].endswith("(smaller than a header)")
