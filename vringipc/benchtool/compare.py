@@ -240,8 +240,8 @@ def run(mode: str, args, argv: list, out=None) -> int:
     topologies = parse_topologies(getattr(args, "topology", None) or "1x1") if do_tp else []
     d["tp_duration"] = (getattr(args, "tp_duration", None) or preset.get("tp_duration")
                         or d["duration"])
-    d["os_duration"] = (getattr(args, "os_duration", None) or preset.get("os_duration")
-                        or d["duration"])
+    d["os_duration"] = (getattr(args, "os_duration", None) or getattr(args, "duration", None)
+                        or preset.get("os_duration") or d["duration"])
     pairs = [int(x) for x in _csv(getattr(args, "pairs", None) or preset.get("pairs", "1"))]
     if any(x < 1 for x in pairs):
         raise ValueError("--pairs: at least 1 pair")

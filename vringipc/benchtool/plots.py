@@ -85,7 +85,8 @@ def _machine(doc) -> str:
 
 def _pin_title(recs) -> str:
     modes = sorted({r["pinning"]["mode"] for r in recs})
-    cpus = sorted({str(r["pinning"]["cpus"]) for r in recs if r["pinning"]["mode"] != "none"})
+    cpus = sorted({str(r["pinning"]["cpus"]) for r in recs
+                   if r["pinning"]["mode"] != "none" and r["pinning"].get("cpus")})
     s = ", ".join(_PIN_LABEL.get(x, x) for x in modes)
     return s + (f" (CPUs {'; '.join(cpus)})" if cpus else "")
 
