@@ -143,13 +143,13 @@ def estimate_seconds(runs: int, n_lat: int, n_tp: int, os_procs: list, duration:
 
 def _fit_to(budget: float, runs: int, n_lat: int, n_tp: int, os_procs: list, d: dict) -> float:
     """The factor to scale the run lengths in d by so that the session takes
-    about `budget` seconds (between 0.25 and 4)."""
+    about `budget` seconds (between 0.1 and 4)."""
     fixed = estimate_seconds(runs, n_lat, n_tp, os_procs, 0, 0, 0, 0)
     measured = estimate_seconds(runs, n_lat, n_tp, os_procs, d["duration"], d["tp_duration"],
                                 d["os_duration"], d["warmup"]) - fixed
     if measured <= 0:
         return 1.0
-    return min(4.0, max(0.25, (budget - fixed) / measured))
+    return min(4.0, max(0.1, (budget - fixed) / measured))
 
 
 def parse_pins(spec: str) -> list[str]:
