@@ -1,6 +1,6 @@
 """Output of the benchmark tool: terminal tables, a progress line on stderr,
-the JSON document (schema ``vringipc-bench/1``, fields in docs/BENCH.md and
-DOCUMENTED_FIELDS below), ``.hgrm`` percentile files and ratio summaries."""
+the JSON document (schema ``vringipc-bench/2``, fields in docs/BENCH.md and
+DOCUMENTED_FIELDS below), ``.hgrm`` percentile files, and the verdict"""
 
 from __future__ import annotations
 
