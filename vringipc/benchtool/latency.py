@@ -29,7 +29,7 @@ from vringipc.benchtool import transports as T
 from vringipc.benchtool.procs import Group, cpu_plan, resolve_pin
 
 __all__ = ["LatencyConfig", "new_histogram", "hist_from_samples", "hist_stats",
-           "summarize_runs", "pingpong_once", "run_latency", "PCT_KEYS"]
+           "summarize_runs", "pingpong_once", "run_latency", "PCT_KEYS", "handshake"]
 
 PCTS = (50.0, 90.0, 99.0, 99.9, 99.99)
 PCT_KEYS = ("p50", "p90", "p99", "p99.9", "p99.99", "max")
@@ -129,16 +129,23 @@ def summarize_runs(run_hists, run_means=None) -> tuple[dict, object, float | Non
 
 # --- the two processes ----------------------------------------------------------------
 
+def handshake(ctl, *ends):
+    """A benchmark process's start: report its ends opened, wait for
+    "connect", call each end's ready(), report ready, and return the parent's
+    "go" message (a start time on the shared clock, for the timed workloads)."""
+    ctl.send("opened")
+    ctl.recv()
+    for e in ends:
+        e.ready()
+    ctl.send("ready")
+    return ctl.recv()
+
+
 def _ping(ctl, link_out, link_in, payload, cfg_tuple):
     duration, warmup, max_samples, rate = cfg_tuple
     tx = link_out.sender()
     rx = link_in.receiver()
-    ctl.send("opened")
-    ctl.recv()
-    tx.ready()
-    rx.ready()
-    ctl.send("ready")
-    ctl.recv()
+    handshake(ctl, tx, rx)
     send, recv = tx.send, rx.recv
     msg = bytes(range(256)) * (payload // 256) + bytes(payload % 256)
     pc = time.perf_counter_ns
@@ -204,12 +211,7 @@ def _ping(ctl, link_out, link_in, payload, cfg_tuple):
 def _pong(ctl, link_in, link_out):
     rx = link_in.receiver()
     tx = link_out.sender()
-    ctl.send("opened")
-    ctl.recv()
-    rx.ready()
-    tx.ready()
-    ctl.send("ready")
-    ctl.recv()
+    handshake(ctl, rx, tx)
     send, recv = tx.send, rx.recv
     n = 0
     while True:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from vringipc.benchtool import transports as T
-from vringipc.benchtool.latency import spread
+from vringipc.benchtool.latency import _pong, handshake, spread
 from vringipc.benchtool.procs import Group
 
 __all__ = ["OversubConfig", "oversub_once", "run_oversub", "DEFAULT_PAIRS"]
@@ -41,12 +41,7 @@ class OversubConfig:
 def _client(ctl, req, resp, payload, window):
     tx = req.sender()
     rx = resp.receiver()
-    ctl.send("opened")
-    ctl.recv()
-    tx.ready()
-    rx.ready()
-    ctl.send("ready")
-    t_go = ctl.recv()
+    t_go = handshake(ctl, tx, rx)
     t_win, t_end = t_go + window[0], t_go + window[0] + window[1]
     send, recv = tx.send, rx.recv
     msg = bytes(range(256)) * (payload // 256) + bytes(payload % 256)
@@ -75,29 +70,6 @@ def _client(ctl, req, resp, payload, window):
     rx.close()
 
 
-def _server(ctl, req, resp):
-    rx = req.receiver()
-    tx = resp.sender()
-    ctl.send("opened")
-    ctl.recv()
-    rx.ready()
-    tx.ready()
-    ctl.send("ready")
-    ctl.recv()
-    send, recv = tx.send, rx.recv
-    n = 0
-    while True:
-        m = recv()
-        send(m)
-        if len(m) == 1:
-            break
-        n += 1
-    ctl.send(("result", {"echoed": n}))
-    ctl.recv()
-    rx.close()
-    tx.close()
-
-
 def oversub_once(tcls, pairs: int, policy: str, cfg: OversubConfig) -> dict:
     """One run of `pairs` client/server pairs; returns round trips/s summed
     over the pairs and each pair's own rate."""
@@ -110,7 +82,8 @@ def oversub_once(tcls, pairs: int, policy: str, cfg: OversubConfig) -> dict:
             for i in range(pairs):
                 req, resp = links[2 * i], links[2 * i + 1]
                 g.spawn(_client, req, resp, cfg.payload, window, label=f"{tcls.name} client {i}")
-                g.spawn(_server, req, resp, label=f"{tcls.name} server {i}")
+                # the server: latency's pong (echo until the stop marker)
+                g.spawn(_pong, req, resp, label=f"{tcls.name} server {i}")
             g.recv_all()
             g.send_all("connect")
             g.recv_all()
@@ -120,11 +93,11 @@ def oversub_once(tcls, pairs: int, policy: str, cfg: OversubConfig) -> dict:
     finally:
         for link in links:
             link.close()
-    cres, sres = res[0::2], res[1::2]          # spawned client, server, client, ...
+    cres, echoed = res[0::2], res[1::2]        # spawned client, server, client, ...
     sent = sum(c["round_trips"] for c in cres)
-    if sent != sum(s["echoed"] for s in sres):
+    if sent != sum(echoed):
         raise AssertionError(f"{tcls.name}: clients made {sent} round trips, servers echoed "
-                             f"{sum(s['echoed'] for s in sres)}")
+                             f"{sum(echoed)}")
     per_pair = [c["window_round_trips"] / c["window_s"] if c["window_s"] > 0 else 0.0
                 for c in cres]
     return {"rt_per_s": sum(per_pair), "per_pair": per_pair, "round_trips": sent}

@@ -1,6 +1,6 @@
 """Output of the benchmark tool: terminal tables, a progress line on stderr,
 the JSON document (schema ``vringipc-bench/2``, fields in docs/BENCH.md and
-DOCUMENTED_FIELDS below), ``.hgrm`` percentile files, and the verdict"""
+DOCUMENTED_FIELDS below), ``.hgrm`` percentile files, and the verdict against the user's transports."""
 
 from __future__ import annotations
 
@@ -181,6 +181,12 @@ def _rate(x) -> str:
     return f"{x:.1f}"
 
 
+def _rate_spread(m: dict) -> str:
+    """The "median [min-max]" of a rate's spread over runs, "!" when they disagree."""
+    return (f"{_rate(m['median'])} [{_rate(m['min'])}-{_rate(m['max'])}]"
+            + ("!" if disagreement(m["runs"]) else " "))
+
+
 def throughput_table(records: list) -> str:
     if not records:
         return ""
@@ -192,8 +198,7 @@ def throughput_table(records: list) -> str:
     lines = [head, cols, "-" * len(cols)]
     for r in records:
         m = r["msgs_per_s"]
-        rng = (f"{_rate(m['median'])} [{_rate(m['min'])}-{_rate(m['max'])}]"
-               + ("!" if disagreement(m["runs"]) else " "))
+        rng = _rate_spread(m)
         cpu = r["cpu_ns_per_msg"]["median"]
         cpu_s = "-" if cpu is None else (f"{cpu / 1000:.1f} us" if cpu >= 1000 else f"{cpu:.0f} ns")
         api = r["api"] if r["api"] == "single" else f"batch{r['batch']}"
@@ -447,9 +452,7 @@ def oversub_table(records: list) -> str:
             f"{'slowest pair':>12}")
     lines = [head, cols, "-" * len(cols)]
     for r in records:
-        m = r["rt_per_s"]
-        flag = "!" if disagreement(m["runs"]) else " "
-        rng = f"{_rate(m['median'])} [{_rate(m['min'])}-{_rate(m['max'])}]{flag}"
+        rng = _rate_spread(r["rt_per_s"])
         lines.append(f"{r['transport']:<17} {r['policy']:<8} {r['pairs']:>5} {rng:>28} "
                      f"{_rate(r['slowest_pair_rt_per_s']['median']):>12}")
     return "\n".join(lines)
