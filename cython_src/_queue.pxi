@@ -25,8 +25,11 @@
 # one process may be inside it at once).  Slot i of the ring is message i (desc, avail and
 # used entries of index i all live in slot i & mask), so no free list is
 # shared; arena bytes are a FIFO byte ring reclaimed in order, skipping
-# nothing: a message held by a zero-copy view (HELD[i] = holder pid) stops
-# reclamation until released by that process or until it dies.
+# nothing.  A message held by a zero-copy view (HELD[i] = holder pid | the
+# low 32 bits of its position << 32) is moved to the PINNED table when
+# reclamation reaches it, so that reclamation goes on past it and only its
+# own bytes stay out of use: the allocator places new messages around pinned
+# extents.  A pin is released by the process that holds it, or when it dies.
 #
 # Arena positions count bytes modulo pos_mod, the largest multiple of the
 # arena size that fits in 48 bits, so `pos % data_size` never jumps when a
@@ -195,23 +198,31 @@ cdef enum:
     BATCH_MARK = 0xFFFFFFFF                # header word 0 of a batch (never a buffer count)
     BATCH_KIND = 0x48435442                # "BTCH", header word 1
     REC_HDR = 64                           # batch record header: u64 message length
-    EXT_N = 0                              # (reserved for pinned extents)
+    PIN_N = 64                             # pinned extents table entries
     # window side area, before the data region:
     W_PUTS = 0                             # u64 messages published (producer line)
     W_CHUNKS = 8                           # u64 chunks reserved now (producer line)
     W_TAKES = 64                           # u64 messages taken (consumer line)
     W_CURSOR = 72                          # u64 batch cursor: used idx | position << 16
-    W_CTRL = 128
+    W_PINNED = 128                         # u32 pinned extents in use (released lock-free)
+    W_CTRL = 192
+    W_PINS = W_CTRL                        # PIN_N x {u64 position, u32 bytes, u32 holder pid}
+
+ctypedef struct q_pin:
+    uint64_t pos
+    uint32_t len
+    uint32_t holder
 cdef uint64_t REC_SKIP = 0xFFFFFFFFFFFFFFFFULL  # batch record: continue at the next lap
 
 
 cdef inline uint64_t _side_bytes(uint64_t num, uint64_t win_size) noexcept nogil:
     """Bytes at the start of a queue window before its data region: control
-    words, slot_start[num] (u64), held[num] (u32), the chunk bitmap; page
-    aligned so that chunks can be reserved and removed page-wise."""
+    words, the pinned extents, slot_start[num] (u64), held[num] (u64), the
+    chunk bitmap; page aligned so that chunks can be reserved and removed
+    page-wise."""
     cdef uint64_t nchunks = (win_size >> CHUNK_SHIFT) + 1
-    cdef uint64_t b = W_CTRL + num * (sizeof(uint64_t) + sizeof(uint32_t))
-    b = _align_up(b, 8) + ((nchunks + 63) // 64) * 8
+    cdef uint64_t b = W_CTRL + PIN_N * sizeof(q_pin) + num * 2 * sizeof(uint64_t)
+    b += ((nchunks + 63) // 64) * 8
     return _align_up(b, 4096)
 
 
@@ -277,6 +288,7 @@ cdef class HeldMessage:
     cdef uint64_t length
     cdef uint32_t slot
     cdef uint32_t holder
+    cdef uint64_t pos
     cdef bint released
 
     def __getbuffer__(self, Py_buffer *buf, int flags):
@@ -296,7 +308,7 @@ cdef class HeldMessage:
         if not self.released and self.q is not None:
             self.released = True
             if vr_getpid() == self.holder:
-                self.q._unhold(self.slot, self.holder)
+                self.q._unhold(self.slot, self.holder, self.pos)
 
 
 cdef class QueueCore:
@@ -314,7 +326,9 @@ cdef class QueueCore:
     cdef vr_avail *avail
     cdef vr_used *used
     cdef uint64_t *slot_start    # [num] shared: arena position of message i
-    cdef uint32_t *held          # [num] shared: pid holding message i's bytes (0 = none)
+    cdef uint64_t *held          # [num] shared: holder pid | pos << 32 of message i (0 = none)
+    cdef q_pin *pins             # [PIN_N] shared: held messages that reclamation passed
+    cdef uint32_t *pinned        # shared: entries of pins in use
     cdef uint64_t *chunk_map     # shared bitmap: arena chunks reserved now
     cdef uint64_t *puts          # shared: messages published (approximate after a kill)
     cdef uint64_t *takes         # shared: messages taken
@@ -364,10 +378,11 @@ cdef class QueueCore:
         self.chunks_held = <uint64_t *>(self.base + win_off + W_CHUNKS)
         self.takes = <uint64_t *>(self.base + win_off + W_TAKES)
         self.cursor = <uint64_t *>(self.base + win_off + W_CURSOR)
-        self.slot_start = <uint64_t *>(self.base + win_off + W_CTRL)
-        self.held = <uint32_t *>(self.base + win_off + W_CTRL + num * sizeof(uint64_t))
-        self.chunk_map = <uint64_t *>(self.base + win_off + _align_up(
-            W_CTRL + num * (sizeof(uint64_t) + sizeof(uint32_t)), 8))
+        self.pinned = <uint32_t *>(self.base + win_off + W_PINNED)
+        self.pins = <q_pin *>(self.base + win_off + W_PINS)
+        self.slot_start = <uint64_t *>(self.base + win_off + W_PINS + PIN_N * sizeof(q_pin))
+        self.held = self.slot_start + num
+        self.chunk_map = self.held + num
         self.data_off = win_off + side
         self.data_size = (win_size - side) & ~(<uint64_t>4095)
         self.nchunks = (self.data_size + (1ULL << CHUNK_SHIFT) - 1) >> CHUNK_SHIFT
@@ -460,11 +475,17 @@ cdef class QueueCore:
         return min(vr_load_relaxed_u64(self.chunks_held), self.nchunks) << CHUNK_SHIFT
 
     def held_messages(self):
-        """Taken messages whose bytes are still pinned by zero-copy views."""
+        """Taken messages whose bytes are still pinned by zero-copy views of
+        live processes."""
         self._check_open()
-        cdef uint32_t k, n = 0
+        cdef uint32_t k, n = 0, h
         for k in range(self.num):
-            if vr_load_relaxed_u32(&self.held[k]):
+            h = <uint32_t>vr_load_relaxed_u64(&self.held[k])
+            if h and not _pid_dead(h):
+                n += 1
+        for k in range(PIN_N):
+            h = vr_load_relaxed_u32(&self.pins[k].holder)
+            if h and not _pid_dead(h):
                 n += 1
         return n
 
@@ -533,21 +554,71 @@ cdef class QueueCore:
         if cur != a and <uint16_t>(a - cur) <= self.num:
             vr_cas_u16(&self.avail.idx, cur, a)
 
+    cdef bint _pin(self, uint16_t r, uint64_t h) noexcept nogil:
+        """Under the producer lock: move the hold `h` of message r into the
+        PINNED table so that reclamation can go on.  False if the table is
+        full.  The entry is complete (release store of its holder) before the
+        CAS that clears HELD[]; a holder whose own CAS on HELD[] fails finds
+        the entry (_unhold), and one whose CAS wins makes ours fail: then the
+        entry is dropped again."""
+        cdef uint32_t k
+        cdef uint64_t pos = vr_load_relaxed_u64(&self.slot_start[r & self.mask])
+        for k in range(PIN_N):
+            if vr_load_relaxed_u32(&self.pins[k].holder) == 0:
+                break
+        else:
+            # full: drop the entries of dead holders, then give up
+            for k in range(PIN_N):
+                if _pid_dead(vr_load_relaxed_u32(&self.pins[k].holder)):
+                    if vr_cas_u32(&self.pins[k].holder, self.pins[k].holder, 0):
+                        vr_fetch_add_u32(self.pinned, <uint32_t>-1)
+            return False
+        # a held message is a plain one: desc len bytes at its start position
+        self.pins[k].pos = pos
+        self.pins[k].len = vr_load_relaxed_u32(&self.desc[r & self.mask].len)
+        vr_fetch_add_u32(self.pinned, 1)
+        vr_store_release_u32(&self.pins[k].holder, <uint32_t>h)
+        if not vr_cas_u64(&self.held[r & self.mask], h, 0):
+            vr_store_release_u32(&self.pins[k].holder, 0)      # released meanwhile
+            vr_fetch_add_u32(self.pinned, <uint32_t>-1)
+        return True
+
+    cdef bint _pinned_overlap(self, uint64_t o, uint64_t need, uint64_t *skip_to) noexcept nogil:
+        """Does [o, o+need) (region offsets) overlap a pinned extent?  Then
+        *skip_to = the region offset just past it."""
+        cdef uint32_t k, holder
+        cdef uint64_t eo, elen
+        for k in range(PIN_N):
+            holder = vr_load_acquire_u32(&self.pins[k].holder)
+            if holder == 0:
+                continue
+            eo = self.pins[k].pos % self.data_size
+            elen = _align_up(self.pins[k].len, ALLOC_ALIGN)
+            if eo < o + need and o < eo + elen:
+                if _pid_dead(holder):          # its holder died: the pin goes with it
+                    if vr_cas_u32(&self.pins[k].holder, holder, 0):
+                        vr_fetch_add_u32(self.pinned, <uint32_t>-1)
+                    continue
+                skip_to[0] = eo + elen
+                return True
+        return False
+
     cdef inline uint16_t _reclaim(self, uint16_t a) noexcept nogil:
         """Advance RECLAIM past messages that are consumed and not held."""
         cdef uint16_t r = <uint16_t>vr_load_relaxed_u32(self.reclaim)
         # Barrier B (acquire): pairs with a consumer's release store of
         # used->idx; HELD[] of the messages it took is visible after this.
         cdef uint16_t u = vr_load_acquire_u16(&self.used.idx)
-        cdef uint32_t holder
+        cdef uint64_t h
         if <uint16_t>(u - r) > <uint16_t>(a - r):
             u = a        # a corrupt used idx cannot make us reclaim unpublished slots
         while r != u:
-            holder = vr_load_relaxed_u32(&self.held[r & self.mask])
-            if holder != 0:
-                if not _pid_dead(holder):
-                    break
-                self.held[r & self.mask] = 0     # holder died: its pin goes with it
+            h = vr_load_acquire_u64(&self.held[r & self.mask])
+            if h != 0:
+                if _pid_dead(<uint32_t>h):
+                    vr_cas_u64(&self.held[r & self.mask], h, 0)   # its pin goes with it
+                elif not self._pin(r, h):
+                    break                        # the table is full: wait for releases
             r += 1
         vr_store_relaxed_u32(self.reclaim, r)
         return r
@@ -583,7 +654,7 @@ cdef class QueueCore:
         if self.chunks_held[0] <= RETAIN_CHUNKS:
             return
         for c in range(RETAIN_CHUNKS, self.nchunks):
-            if self._chunk_on(c):
+            if self._chunk_on(c) and not self._pinned_overlap(c << CHUNK_SHIFT, 1ULL << CHUNK_SHIFT, &start):
                 start = c << CHUNK_SHIFT
                 ln = self.data_size - start
                 if ln > (1ULL << CHUNK_SHIFT):
@@ -619,7 +690,8 @@ cdef class QueueCore:
         region's end, prefer low offsets (restart at the start when nothing is
         in flight; wrap early when little is), check room against tail_pos,
         commit the chunks.  *pp = the position; 0, -ENOSPC or -errno."""
-        cdef uint64_t p = pp[0], o, p2, soft
+        cdef uint64_t p = pp[0], o, p2, soft, skip = 0
+        cdef uint32_t k
         if p >= self.pos_mod or tail_pos >= self.pos_mod:
             return -ENOSPC                       # corrupt state: never write astray
         o = p % self.data_size
@@ -641,6 +713,19 @@ cdef class QueueCore:
                 if self._pos_diff(self._pos_add(p2, need), tail_pos) <= self.data_size:
                     p = p2
                     o = 0
+        if vr_load_relaxed_u32(self.pinned) != 0:
+            # Go around pinned extents (each skip moves forward; bounded).
+            for k in range(2 * PIN_N + 2):
+                if o + need > self.data_size:
+                    p = self._pos_add(p, self.data_size - o)
+                    o = 0
+                    continue
+                if not self._pinned_overlap(o, need, &skip):
+                    break
+                p = self._pos_add(p, skip - o)
+                o = skip
+            else:
+                return -ENOSPC
         if self._pos_diff(self._pos_add(p, need), tail_pos) > self.data_size:
             return -ENOSPC
         pp[0] = p
@@ -1147,7 +1232,7 @@ cdef class QueueCore:
         vr_store_release_u64(self.takes, vr_load_relaxed_u64(self.takes) + 1)
         vr_lock_release(self.clock_)
 
-    cdef void _get_commit(self, uint32_t holder, uint16_t head, int took) noexcept nogil:
+    cdef void _get_commit(self, uint64_t holder, uint16_t head, int took) noexcept nogil:
         """Record the holder, commit (used->idx), release the lock, wake producers."""
         cdef uint16_t u = vr_load_relaxed_u16(&self.used.idx)
         if self.held[u & self.mask] != holder:     # avoid dirtying a line producers read
@@ -1167,7 +1252,7 @@ cdef class QueueCore:
                 vr_load_relaxed_u16(&self.avail.idx) != <uint16_t>(u + 1):
             _signal_fd(self.kick_fd)
 
-    cdef void _commit_taken(self, int rc, uint32_t holder, uint16_t head,
+    cdef void _commit_taken(self, int rc, uint64_t holder, uint16_t head,
                             uint64_t next_pos) noexcept nogil:
         if rc == 2:
             self._batch_commit(head, next_pos)
@@ -1218,11 +1303,12 @@ cdef class QueueCore:
                         # Pinned by the PROCESS (a view may outlive the thread
                         # that took it); reclaimed when that process is gone.
                         hm.holder = vr_getpid()
+                        hm.pos = vr_load_relaxed_u64(&self.slot_start[hm.slot])
                         hm.ptr = src if self.riov.used == 1 else self.base
                         hm.length = self.riov.seg[0].len if self.riov.used == 1 else 0
                         self.mapped.pins += 1
                         with nogil:
-                            self._get_commit(hm.holder, head, 1)
+                            self._get_commit(hm.holder | (hm.pos << 32), head, 1)
                         return hm
                     # Fast path: a message with no out-of-band buffers comes
                     # back as its main bytes alone (one copy, no parsing).
@@ -1285,10 +1371,18 @@ cdef class QueueCore:
         self._check_open()
         return self._take(block, timeout, hold, &kind)
 
-    cdef _unhold(self, uint32_t slot, uint32_t holder):
-        if not self.mapped.closing or self.mapped.has_view:
-            if vr_load_relaxed_u32(&self.held[slot]) == holder:
-                vr_store_release_u32(&self.held[slot], 0)
+    cdef _unhold(self, uint32_t slot, uint32_t holder, uint64_t pos):
+        """Release a HeldMessage's pin: in HELD[slot] if reclamation has not
+        reached it, else in the PINNED table (see _pin)."""
+        cdef uint64_t h = (<uint64_t>holder) | (pos << 32)
+        cdef uint32_t k
+        if self.mapped.has_view:
+            if not vr_cas_u64(&self.held[slot], h, 0):
+                for k in range(PIN_N):
+                    if vr_load_acquire_u32(&self.pins[k].holder) == holder and \
+                            self.pins[k].pos == pos and vr_cas_u32(&self.pins[k].holder, holder, 0):
+                        vr_fetch_add_u32(self.pinned, <uint32_t>-1)
+                        break
             if not self.mapped.closing:
                 self._wake(self.put_sleepers, self.call_fd)
         self.mapped.unpin()

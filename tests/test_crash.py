@@ -996,7 +996,7 @@ def _get_nocopy_and_hold(report, q):
 @pytest.mark.timeout(30)
 def test_q_live_holder_pins_dead_holder_releases(child):
     import numpy as np
-    with queue(capacity=1 << 20, num=16) as qq:
+    with queue(8, capacity=1 << 20, num=16) as qq:     # bounded: a full arena blocks
         big = int(qq._core.max_message * 0.4)        # three never fit, two always do
         qq.put(np.ones(big, np.uint8))
         c = child(_get_nocopy_and_hold, qq)
@@ -1161,7 +1161,7 @@ def test_q_many_peers_random_kills(child):
     n_msgs = 1500
     acked = mmap.mmap(-1, 8 * 8)
     logs = [mmap.mmap(-1, 4 + 8 * 3 * n_msgs) for _ in range(3)]
-    with queue(capacity=4 << 20, num=64) as qq:
+    with queue(50, capacity=4 << 20, num=64) as qq:     # bounded: back-pressure
         for t in range(3):
             struct.pack_into("<q", acked, 8 * t, -1)
         cons = [child(_q_consumer, qq, logs[k], k == 2) for k in range(3)]

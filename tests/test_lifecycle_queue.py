@@ -500,3 +500,47 @@ def test_corrupt_message_header_is_a_clear_error():
     with pytest.raises(pickle.UnpicklingError, match="corrupt"):
         q.get(timeout=WAIT)
     q.close()
+
+
+# --- kept zero-copy results do not stall the stream (issue 9) -------------------------
+
+@pytest.mark.timeout(120)
+def test_kept_views_pin_only_their_own_bytes():
+    """10,000 frames of 900 KB through a 64 MiB queue, keeping the last of
+    every 100 (say, for display) as a zero-copy array: the pinned frames are
+    moved aside and the stream goes around them, and the queue's committed
+    memory stays near what is held plus what is in flight."""
+    q = Queue(capacity=64 << 20)
+    frame = np.zeros(900_000, dtype=np.uint8)
+    kept = []
+    for i in range(10_000):
+        frame[:8] = np.frombuffer(np.int64(i).tobytes(), np.uint8)
+        q.put(frame)
+        if i % 100 == 99:
+            arr = q.get_nocopy(timeout=WAIT)
+            assert int(np.frombuffer(arr[:8].tobytes(), np.int64)[0]) == i
+            kept = kept[-1:] + [(i, arr)]     # the display keeps the last two
+        else:
+            assert int(np.frombuffer(q.get(timeout=WAIT)[:8].tobytes(), np.int64)[0]) == i
+        for j, a in kept:                     # kept frames never change
+            assert int(np.frombuffer(a[:8].tobytes(), np.int64)[0]) == j
+    assert q._core.held_messages() == len(kept) == 2
+    assert q._core.reserved_bytes <= 16 << 20
+    kept.clear()
+    del arr, a
+    assert q._core.held_messages() == 0
+    q.close()
+
+
+def test_views_that_exhaust_the_arena_raise_a_clear_error():
+    q = Queue(capacity=8 << 20)
+    held = []
+    with pytest.raises(MemoryError, match="held by zero-copy"):
+        for _ in range(100):
+            q.put(np.zeros(1 << 20, dtype=np.uint8))
+            held.append(q.get_nocopy(timeout=WAIT))
+    assert len(held) >= 5
+    held.clear()
+    q.put(np.zeros(1 << 20, dtype=np.uint8))        # room again once released
+    assert q.get(timeout=WAIT).nbytes == 1 << 20
+    q.close()

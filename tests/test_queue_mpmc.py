@@ -133,7 +133,7 @@ def _producer(q, p, n):
 @pytest.mark.timeout(120)
 def test_4_producers_4_consumers_100k(queues, tmp_path):
     NP, NC, PER = 4, 4, 25_000
-    q = queues(num=256, capacity=1 << 20)
+    q = queues(200, num=256, capacity=1 << 20)      # back-pressure: maxsize
     paths = [tmp_path / f"c{i}.npy" for i in range(NC)]
     with reaped() as kids:
         cons = [Forked(_consume, q, paths[i]) for i in range(NC)]
@@ -336,7 +336,7 @@ def _victim(q, p, counts, slot):
 @pytest.mark.timeout(120)
 def test_producers_killed_while_others_put(queues, tmp_path):
     NS, NV, NC, PER = 3, 6, 2, 3000
-    q = queues(num=128, capacity=4 << 20)
+    q = queues(100, num=128, capacity=4 << 20)
     flags = shared_i64(1 + NS)
     scounts = shared_i64(NS)
     vcounts = shared_i64(NV)
@@ -426,7 +426,7 @@ def _victim_consumer(q, rec):
 @pytest.mark.timeout(120)
 def test_consumers_killed_while_others_get(queues, tmp_path):
     N_MIN, NV = 5000, 4
-    q = queues(num=128, capacity=4 << 20)
+    q = queues(100, num=128, capacity=4 << 20)
     flags = shared_i64(2)
     recs = [shared_i64(1 << 20) for _ in range(NV)]
     stats = shared_i64(2)

@@ -590,7 +590,7 @@ class Soak:
     def run(self) -> dict:
         cfg = self.cfg
         shm0, all0 = self.shm_ours(), len(shm_entries())
-        self.q = Queue(capacity=cfg.queue_capacity, num=256, backend="shm")
+        self.q = Queue(200, capacity=cfg.queue_capacity, num=256, backend="shm")   # bounded: back-pressure
         self.ch = None if cfg.no_channel else Channel(cfg.channel_capacity, num=64, backend="shm")
         fds0, rss0 = count_fds(), rss_kb()
         shm_during = len(self.shm_ours() - shm0)

@@ -392,7 +392,8 @@ class Queue:
         try:
             self.close()
             if self._ring is not None:
-                self._ring.close()         # the mapping goes when no view needs it
+                # unmap once no call is in flight and no zero-copy result is alive
+                self._core.close(self._ring.close)
         except Exception:
             pass
 

@@ -321,7 +321,8 @@ class VringQueue(Transport):
 
     def __init__(self, max_msg, policy, depth=64):
         from vringipc import Queue
-        self.q = Queue(capacity=_arena(max_msg + 256, depth), **_spin_kw(policy))
+        # bounded like the mp.Queue baseline below: the same back-pressure
+        self.q = Queue(maxsize=max(4, min(1024, (64 << 20) // max_msg)), **_spin_kw(policy))
 
     def sender(self):
         return Endpoint(send=self.q.put, close=self.q.close)
