@@ -284,6 +284,7 @@ cdef class QueueCore:
     cdef public object first_use        # callable run once per (process, thread) before its first put/get
     cdef uint32_t registered_pid
     cdef uint64_t last_caller           # lock identity of the last thread through first_use
+    cdef vr_wait_t wget, wput           # issue 10: wait policy of get / put (_wait.pxi)
 
     def __cinit__(self, buffer, uint32_t num, uint64_t desc_off, uint64_t avail_off,
                   uint64_t used_off, uint64_t win_off, uint64_t win_size, *,
@@ -314,6 +315,9 @@ cdef class QueueCore:
         self.get_sleepers = <uint32_t *>(self.base + Q_GET_SLEEPERS_OFF)
         self.unfinished = <uint64_t *>(self.base + Q_UNFINISHED_OFF)
         self.join_sleepers = <uint32_t *>(self.base + Q_JOIN_SLEEPERS_OFF)
+        # issue 10: each side's hint word (cpu, running/asleep), see _wait.pxi
+        _wait_setup(&self.wget, self.mapped, WS_QUEUE_CONS_OFF, WS_QUEUE_PROD_OFF, 2)
+        _wait_setup(&self.wput, self.mapped, WS_QUEUE_PROD_OFF, WS_QUEUE_CONS_OFF, 2)
         cdef uint64_t ns = vr_pidns_id(), theirs
         if init:
             vr_store_relaxed_u64(<uint64_t *>(self.base + Q_MAXSIZE_OFF), maxsize)
@@ -401,6 +405,11 @@ cdef class QueueCore:
     @property
     def position_modulus(self):
         return self.pos_mod
+
+    def wait_stats(self):
+        """Diagnostics of the wait policy (issue 10): {"get": {...}, "put": {...}}
+        with this process's adaptive pause budget and win/loss/yield counts."""
+        return {"get": _wait_stats(&self.wget), "put": _wait_stats(&self.wput)}
 
     # --- the lock (vr_lock.h) ------------------------------------------------------
     cdef int _lock(self, uint64_t *w, int64_t deadline) except -2:
@@ -531,21 +540,29 @@ cdef class QueueCore:
 
     cdef int _spin(self, uint16_t *idx, uint16_t while_equal, int64_t deadline) except -1:
         """Busy-wait (GIL released) up to spin_ns for *idx to leave
-        `while_equal`, in 20 ms slices with a signal and close check between."""
+        `while_equal`, in 20 ms slices with a signal and close check between.
+        How it spins (poll / yield, adaptive budget) is vr_wait.h's policy."""
         cdef int64_t left = self.spin_ns
         cdef int64_t end
         cdef bint moved = False
+        # --- issue 10 hook: get waits on avail idx, put waits on used idx ---
+        cdef vr_wait_t *pol = &self.wget if idx == &self.avail.idx else &self.wput
+        cdef vr_spin_t sp
+        cdef vr_idx_wait_t cond
+        cond.idx = idx
+        cond.val = while_equal
+        if left > 0:
+            vr_spin_begin(pol, &sp, left)
         while left > 0 and not moved:
             end = <int64_t>vr_now_ns() + (left if left < 20_000_000 else 20_000_000)
             if deadline >= 0 and end > deadline:
                 end = deadline
             with nogil:
-                while <int64_t>vr_now_ns() < end:
-                    if vr_load_relaxed_u16(idx) != while_equal:
-                        moved = True
-                        break
-                    vr_cpu_relax()
+                moved = vr_spin_run(pol, &sp, vr_idx_moved, &cond, end)
             left -= 20_000_000
+            if moved or left <= 0:
+                vr_spin_end(pol, &sp, moved)
+        # --- end of the issue 10 hook ---
             self.mapped.check()
             if deadline >= 0 and _remaining(deadline) == 0:
                 break
@@ -586,6 +603,7 @@ cdef class QueueCore:
             rc = self._try_put(srcs, lens, n, total)
             vr_lock_release(self.plock)
             if rc == 0:
+                vr_wait_note(self.wput.mine, VR_WS_RUNNING)    # issue 10 hint
                 self._wake(self.get_sleepers, self.kick_fd)
                 # Several sleepers share one eventfd, and the first to wake
                 # drains it: pass the wake-up on while there is room left.
@@ -636,6 +654,7 @@ cdef class QueueCore:
                         raise Full()
                     if slept and self.check is not None and deadline < 0:
                         self.check()      # still no room after a wake-up: is anyone left?
+                    vr_wait_sleeping(&self.wput)            # issue 10 hint
                     rc = self._doze(self.call_fd, deadline)
                     slept = True
                 finally:
@@ -821,6 +840,7 @@ cdef class QueueCore:
         # ordered before producers may reuse its bytes (they acquire used->idx).
         vr_store_release_u16(&self.used.idx, <uint16_t>(u + 1))
         vr_lock_release(self.clock_)
+        vr_wait_note(self.wget.mine, VR_WS_RUNNING)        # issue 10 hint
         self._wake(self.put_sleepers, self.call_fd)
         # Several consumers sleep on one eventfd and the first one up drains
         # it: pass the wake-up on while messages are left.
@@ -911,6 +931,7 @@ cdef class QueueCore:
                         # a timeout the caller gets Empty at the deadline, as with
                         # multiprocessing, so drain loops keep working.)
                         self.check()
+                    vr_wait_sleeping(&self.wget)            # issue 10 hint
                     rc = self._doze(self.kick_fd, deadline)
                     slept = True
                 finally:
