@@ -2,7 +2,9 @@
 
   same   64 B ping-pong, both processes pinned to ONE CPU: os.pipe,
          mp.SimpleQueue, mp.Queue, vringipc.Queue / SimpleQueue / Channel
-  split  64 B ping-pong, one process per CPU: vringipc.Queue / Channel
+  split  64 B ping-pong, one process per CPU: vringipc.Queue / SimpleQueue /
+         Channel (and Queue[block], spin=0, in both sections: the two modes
+         of a blocking round trip)
   pairs  P request/response pairs (2P processes, unpinned), a small object
          (an int) through two queues per pair, round trips/s summed over the
          pairs, for P in 1, 2, 4, 8, 16: mp.Queue, mp.SimpleQueue,
@@ -37,8 +39,9 @@ import time
 PAYLOAD = 64
 SECTIONS = ("same", "split", "pairs", "idle")
 SAME_KINDS = ("os.pipe", "mp.SimpleQueue", "mp.Queue", "vringipc.Queue",
-              "vringipc.SimpleQueue", "vringipc.Channel")
-SPLIT_KINDS = ("vringipc.Queue", "vringipc.SimpleQueue", "vringipc.Channel")
+              "vringipc.SimpleQueue", "vringipc.Channel", "vringipc.Queue[block]")
+SPLIT_KINDS = ("vringipc.Queue", "vringipc.SimpleQueue", "vringipc.Channel",
+               "vringipc.Queue[block]")
 PAIR_KINDS = ("mp.Queue", "mp.SimpleQueue", "vringipc.Queue", "vringipc.SimpleQueue")
 IDLE_KINDS = ("vringipc.Queue", "vringipc.Channel")
 PAIRS = (1, 2, 4, 8, 16)
@@ -97,6 +100,9 @@ def make_link(kind: str):
     if kind == "vringipc.Queue":
         from vringipc import Queue
         return _QLink(Queue())
+    if kind == "vringipc.Queue[block]":         # spin=0: the two modes of a blocking wait
+        from vringipc import Queue
+        return _QLink(Queue(spin=0))
     if kind == "vringipc.SimpleQueue":
         from vringipc import SimpleQueue
         return _QLink(SimpleQueue())
