@@ -60,6 +60,7 @@ cdef class ChannelSender:
     cdef uint32_t *h_fifo          # [num] fifo counter of each head's allocation
     cdef uint32_t f_r, f_w         # fifo read / write counters
     cdef uint32_t n_loans          # loans handed out and not yet committed/cancelled
+    cdef vr_wait_t wpol            # issue 10: wait policy (_wait.pxi)
 
     def __cinit__(self, buffer, uint32_t num, uint64_t desc_off, uint64_t avail_off,
                   uint64_t used_off, uint64_t win_off, uint64_t win_size, *,
@@ -80,6 +81,7 @@ cdef class ChannelSender:
         self.call_fd = call_fd
         self.peer_fd = -1
         self.spin_ns = spin_ns
+        _wait_setup(&self.wpol, self.mapped, WS_CHAN_DRIVER_OFF, WS_CHAN_DEVICE_OFF, 1)  # issue 10
 
     def __dealloc__(self):
         _vrd_free(&self.d)
@@ -189,13 +191,15 @@ cdef class ChannelSender:
             self.f_state[i] = F_CANCELLED
 
     cdef inline void _kick(self) noexcept nogil:
+        vr_wait_note(self.wpol.mine, VR_WS_RUNNING)        # issue 10 hint
         if vrd_kick_prepare(&self.d):
             _signal_fd(self.kick_fd)
 
     cdef int _wait_space(self, int64_t deadline) except -1:
         """1 = retry, 0 = timeout, 2 = consumer exited."""
         return _wait_ring(&self.d, _drv_pending, _drv_arm, _drv_disarm, self.call_fd,
-                          self.peer_fd, deadline, self.spin_ns, self.check, 0.1, self.mapped)
+                          self.peer_fd, deadline, self.spin_ns, self.check, 0.1, self.mapped,
+                          &self.wpol)
 
     cdef int _reserve(self, uint64_t size, bint block, object timeout, uint64_t *off,
                       uint16_t *head) except -1:
@@ -502,6 +506,7 @@ cdef class ChannelReceiver:
     cdef uint32_t *fetch_rec       # last avail idx fetched | head << 16 (the fetch commit)
     cdef uint32_t *journal         # completion in progress: first used idx | count << 16
     cdef uint8_t *taken            # [num] 1 while a head is fetched and not completed
+    cdef vr_wait_t wpol            # issue 10: wait policy (_wait.pxi)
 
     def __cinit__(self, buffer, uint32_t num, uint64_t desc_off, uint64_t avail_off,
                   uint64_t used_off, uint64_t win_off, uint64_t win_size, *,
@@ -525,6 +530,7 @@ cdef class ChannelReceiver:
         self.call_fd = call_fd
         self.peer_fd = -1
         self.spin_ns = spin_ns
+        _wait_setup(&self.wpol, self.mapped, WS_CHAN_DEVICE_OFF, WS_CHAN_DRIVER_OFF, 1)  # issue 10
 
     def __dealloc__(self):
         _vrh_free(&self.h)
@@ -580,6 +586,7 @@ cdef class ChannelReceiver:
         # consumer killed anywhere in between is resolved by recover().
         cdef uint32_t k
         cdef int rc
+        vr_wait_note(self.wpol.mine, VR_WS_RUNNING)        # issue 10 hint
         if self.taken != NULL:
             vr_store_release_u32(self.journal, <uint32_t>(<uint16_t>(self.h.last_used_idx +
                                  self.h.completed)) | (n << 16))
@@ -683,7 +690,8 @@ cdef class ChannelReceiver:
                 deadline = _deadline(timeout)
             watched = self.peer_fd           # the pidfd this wait watches
             rc = _wait_ring(&self.h, _host_pending, _host_arm, _host_disarm, self.kick_fd,
-                            watched, deadline, self.spin_ns, self.check, 0.1, self.mapped)
+                            watched, deadline, self.spin_ns, self.check, 0.1, self.mapped,
+                            &self.wpol)
             if rc == 0:
                 return 0
             if rc == 2 and not vrh_avail_pending(&self.h):
@@ -702,7 +710,8 @@ cdef class ChannelReceiver:
             while True:
                 watched = self.peer_fd
                 rc = _wait_ring(&self.h, _host_pending, _host_arm, _host_disarm, self.kick_fd,
-                                watched, deadline, self.spin_ns, self.check, 0.1, self.mapped)
+                                watched, deadline, self.spin_ns, self.check, 0.1, self.mapped,
+                                &self.wpol)
                 if rc == 2 and not vrh_avail_pending(&self.h):
                     self._peer_exited(watched)
                     continue

@@ -357,6 +357,7 @@ cdef class QueueCore:
     cdef public object first_use        # callable run once per (process, thread) before its first put/get
     cdef uint32_t registered_pid
     cdef uint64_t last_caller           # lock identity of the last thread through first_use
+    cdef vr_wait_t wget, wput           # issue 10: wait policy of get / put (_wait.pxi)
 
     def __cinit__(self, buffer, uint32_t num, uint64_t desc_off, uint64_t avail_off,
                   uint64_t used_off, uint64_t win_off, uint64_t win_size, *,
@@ -396,6 +397,9 @@ cdef class QueueCore:
         self.get_sleepers = <uint32_t *>(self.base + Q_GET_SLEEPERS_OFF)
         self.unfinished = <uint64_t *>(self.base + Q_UNFINISHED_OFF)
         self.join_sleepers = <uint32_t *>(self.base + Q_JOIN_SLEEPERS_OFF)
+        # issue 10: each side's hint word (cpu, running/asleep), see _wait.pxi
+        _wait_setup(&self.wget, self.mapped, WS_QUEUE_CONS_OFF, WS_QUEUE_PROD_OFF, 2)
+        _wait_setup(&self.wput, self.mapped, WS_QUEUE_PROD_OFF, WS_QUEUE_CONS_OFF, 2)
         cdef uint64_t ns = vr_pidns_id(), theirs
         if init:
             vr_store_relaxed_u64(<uint64_t *>(self.base + Q_MAXSIZE_OFF), maxsize)
@@ -503,6 +507,11 @@ cdef class QueueCore:
     @property
     def position_modulus(self):
         return self.pos_mod
+
+    def wait_stats(self):
+        """Diagnostics of the wait policy (issue 10): {"get": {...}, "put": {...}}
+        with this process's adaptive pause budget and win/loss/yield counts."""
+        return {"get": _wait_stats(&self.wget), "put": _wait_stats(&self.wput)}
 
     # --- the lock (vr_lock.h) ------------------------------------------------------
     cdef int _lock(self, uint64_t *w, int64_t deadline) except -2:
@@ -852,22 +861,29 @@ cdef class QueueCore:
     cdef int _spin(self, uint64_t *word, int64_t deadline) except -1:
         """Busy-wait (GIL released) up to spin_ns for the counter *word (puts
         or takes) to move, in 20 ms slices with a signal and close check
-        between them."""
-        cdef uint64_t seen = vr_load_relaxed_u64(word)
+        between them.  How it spins (poll / yield, adaptive budget) is
+        vr_wait.h's policy."""
         cdef int64_t left = self.spin_ns
         cdef int64_t end
         cdef bint moved = False
+        # --- issue 10 hook: get waits for puts, put waits for takes ---
+        cdef vr_wait_t *pol = &self.wget if word == self.puts else &self.wput
+        cdef vr_spin_t sp
+        cdef vr_u64_wait_t cond
+        cond.word = word
+        cond.val = vr_load_relaxed_u64(word)
+        if left > 0:
+            vr_spin_begin(pol, &sp, left)
         while left > 0 and not moved:
             end = <int64_t>vr_now_ns() + (left if left < 20_000_000 else 20_000_000)
             if deadline >= 0 and end > deadline:
                 end = deadline
             with nogil:
-                while <int64_t>vr_now_ns() < end:
-                    if vr_load_relaxed_u64(word) != seen:
-                        moved = True
-                        break
-                    vr_cpu_relax()
+                moved = vr_spin_run(pol, &sp, vr_u64_moved, &cond, end)
             left -= 20_000_000
+            if moved or left <= 0:
+                vr_spin_end(pol, &sp, moved)
+        # --- end of the issue 10 hook ---
             self.mapped.check()
             if deadline >= 0 and _remaining(deadline) == 0:
                 break
@@ -908,6 +924,7 @@ cdef class QueueCore:
             rc = self._try_put(srcs, lens, n, total)
             vr_lock_release(self.plock)
             if rc == 0:
+                vr_wait_note(self.wput.mine, VR_WS_RUNNING)    # issue 10 hint
                 self._wake(self.get_sleepers, self.kick_fd)
                 # Several sleepers share one eventfd, and the first to wake
                 # drains it: pass the wake-up on while there is room left.
@@ -966,6 +983,7 @@ cdef class QueueCore:
                         raise Full()
                     if slept and self.check is not None and deadline < 0:
                         self.check()      # still no room after a wake-up: is anyone left?
+                    vr_wait_sleeping(&self.wput)            # issue 10 hint
                     rc = self._doze(self.call_fd, deadline)
                     slept = True
                 finally:
@@ -1245,6 +1263,7 @@ cdef class QueueCore:
         if took:
             vr_store_release_u64(self.takes, vr_load_relaxed_u64(self.takes) + 1)
         vr_lock_release(self.clock_)
+        vr_wait_note(self.wget.mine, VR_WS_RUNNING)        # issue 10 hint
         self._wake(self.put_sleepers, self.call_fd)
         # Several consumers sleep on one eventfd and the first one up drains
         # it: pass the wake-up on while messages are left.
@@ -1354,6 +1373,7 @@ cdef class QueueCore:
                         # a timeout the caller gets Empty at the deadline, as with
                         # multiprocessing, so drain loops keep working.)
                         self.check()
+                    vr_wait_sleeping(&self.wget)            # issue 10 hint
                     rc = self._doze(self.kick_fd, deadline)
                     slept = True
                 finally:

@@ -21,6 +21,7 @@ from vring cimport *
 
 include "vringh.pxi"
 include "vringd.pxi"
+include "_wait.pxi"
 
 from vringipc.errors import InvalidRing, InvalidDescriptor, MessageTooLarge, PeerDead, Full, Empty
 
@@ -184,7 +185,7 @@ cdef void _drv_disarm(void *r) noexcept nogil:
 
 cdef int _wait_ring(void *ring, pending_fn pending, arm_fn arm, disarm_fn disarm, int fd,
                     int peer_fd, int64_t deadline, int64_t spin_ns, object check,
-                    double check_interval, _Mapped m) except -1:
+                    double check_interval, _Mapped m, vr_wait_t *pol=NULL) except -1:
     """1 = ready, 0 = timeout (deadline in ns of vr_now_ns, <0 = none),
     2 = peer_fd readable (the peer exited).  Honours signals; `check()` (may
     raise) runs every check_interval seconds of sleep and after a wake-up that
@@ -195,29 +196,34 @@ cdef int _wait_ring(void *ring, pending_fn pending, arm_fn arm, disarm_fn disarm
     cdef bint got = False
     cdef int64_t chunk = <int64_t>(check_interval * 1e9) if check is not None else -1
     cdef int64_t next_check = <int64_t>vr_now_ns() + chunk
+    cdef vr_spin_t sp
     if pending(ring):
         return 1
     # Spin phase, in slices so that Ctrl-C is seen even with a long spin.
+    # --- issue 10 hook (vr_wait.h): poll only while the peer runs on another
+    # CPU, yield when it shares ours; `pol` adapts the budget (NULL = hints
+    # unknown: plain adaptive-free spin then yield) ---
+    if spin_ns > 0:
+        vr_spin_begin(pol, &sp, spin_ns)
     while spin_ns > 0:
         slice_ns = spin_ns if spin_ns < 20_000_000 else 20_000_000
         spin_end = <int64_t>vr_now_ns() + slice_ns
         if deadline >= 0 and spin_end > deadline:
             spin_end = deadline
         with nogil:
-            while True:
-                if pending(ring):
-                    got = True
-                    break
-                if <int64_t>vr_now_ns() >= spin_end:
-                    break
-                vr_cpu_relax()
+            got = vr_spin_run(pol, &sp, <vr_pending_fn>pending, ring, spin_end)
         if got:
+            vr_spin_end(pol, &sp, 1)
             return 1
         spin_ns -= slice_ns
+        if spin_ns <= 0:
+            vr_spin_end(pol, &sp, 0)
         m.check()
         if deadline >= 0 and _remaining(deadline) == 0:
             return 0
         PyErr_CheckSignals()
+    vr_wait_sleeping(pol)
+    # --- end of the issue 10 hook ---
     while True:
         m.check()
         # arm() (re)writes our suppression word every slice: see SLEEP_SLICE_NS

@@ -30,7 +30,9 @@ Header page (4096 bytes)::
     0x080  4*64  ring table         one 64-byte entry per ring, see below
     0x200  128   driver liveness    producer side: see PEER_* below
     0x280  128   device liveness    consumer side, on its own cache lines
-    0x300  256   reserved
+    0x300  4     driver wait hint   producer side's CPU and state, see WAIT HINTS below
+    0x340  4     device wait hint   consumer side's, on its own cache line
+    0x380  128   reserved
     0x400  3072  application area; for a Queue (app_kind 2), see below
 
 Queue control block (app_kind 2; words accessed atomically, each side's on
@@ -47,6 +49,7 @@ its own 64-byte line)::
     0x480  8  consumer lock (as the producer lock)
     0x4C0  4  producers asleep     0x500  4  consumers asleep
     0x540  8  unfinished tasks     0x548  4  processes asleep in join()
+    0x580  4  producers' wait hint 0x5C0  4  consumers' wait hint (see below)
     0x600  16*160  process table: u32 pid, u32 reserved, u64 start time
     window start: u64 slot_start[num], u32 held[num] (holder tid of a
                   message pinned by a zero-copy view), then message bytes
@@ -72,6 +75,17 @@ Liveness block (128 bytes)::
                            /proc/PID/stat field 22), guards against pid reuse
     +16  8  heartbeat_ns   CLOCK_MONOTONIC, optional
     +24  4  state          0 DETACHED, 1 ATTACHED, 2 CLOSED (clean exit)
+
+Wait hints (u32, each alone on a 64-byte line; cython_src/vr_wait.h)::
+
+    (cpu + 1) << 2 | state     state 1 RUNNING, 2 ASLEEP; 0 = never written
+
+The side's process writes it (relaxed, only when the value changes) when it
+puts/sends/gets, and ASLEEP before it sleeps in the kernel.  A waiter polls
+only while the other side's word says RUNNING on another CPU, and yields the
+CPU otherwise.  Hints carry no data and no wake-up: a wrong value costs at
+most one spin budget.  A Channel uses 0x300/0x340, a Queue 0x580/0x5C0 (the
+last producer / consumer).
 
 Each ring (``vring_init(num, 4096)``)::
 
