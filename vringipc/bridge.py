@@ -1008,3 +1008,173 @@ class Sender:
 
     def close(self) -> None:
         self.link.close()
+
+
+# --- the `vringipc bridge` command ------------------------------------------------------
+
+_CLI_EPILOG = """\
+One side names a local object, the other a ZeroMQ endpoint:
+  host A:  vringipc bridge --from queue:/jobs --to tcp://hostB:5555 --curve-secret a.key_secret \\
+               --curve-server-key b.key
+  host B:  vringipc bridge --from tcp://0.0.0.0:5555 --allow-remote --to queue:/jobs \\
+               --state jobs.state --curve-secret b.key_secret --curve-allow allowed/
+Local objects: queue:NAME (a Queue created with backend="shm", name=NAME),
+channel:NAME (a Channel with backend="shm"), handoff:PATH (a Queue or Channel
+offered with vringipc.handoff).  A --to endpoint is connected to and a --from
+endpoint bound, unless --bind/--connect says otherwise.  Binding anything but
+127.0.0.1 needs --allow-remote.  Keys: --keygen DIR/NAME writes NAME.key
+(public) and NAME.key_secret; the receiver lists the senders' public .key files
+in its --curve-allow directory.  SIGINT/SIGTERM: the sender stops taking, waits
+--drain-timeout for its window's acknowledgements and puts what is left back
+into a local Queue; the receiver finishes its current put and exits.
+See docs/BRIDGE.md.
+"""
+
+
+def add_cli(sub) -> None:
+    """Register the ``bridge`` subcommand on an argparse subparsers object."""
+    import argparse
+    p = sub.add_parser("bridge", help="forward a Queue or Channel to another host over ZeroMQ "
+                                      "(pip install 'vringipc[bridge]')",
+                       description="Bridge a local Queue or Channel to a ZeroMQ endpoint, or an "
+                                   "endpoint into a local Queue or Channel.",
+                       epilog=_CLI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="src", metavar="SRC", help="queue:NAME, channel:NAME, "
+                   "handoff:PATH, or an endpoint (tcp://HOST:PORT, ipc://PATH)")
+    p.add_argument("--to", dest="dst", metavar="DST", help="the same kinds as --from")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--bind", action="store_true", help="bind the endpoint (default for --from)")
+    g.add_argument("--connect", action="store_true", help="connect to the endpoint (default "
+                                                          "for --to)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow binding an address other than loopback (use CURVE keys too)")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, metavar="N",
+                   help=f"sender: unacknowledged messages at most (default {DEFAULT_WINDOW}); "
+                        "also the most a SIGKILLed sender can lose")
+    p.add_argument("--window-bytes", type=int, default=DEFAULT_WINDOW_BYTES, metavar="B",
+                   help=f"sender: unacknowledged bytes at most (default {DEFAULT_WINDOW_BYTES})")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH, metavar="N",
+                   help=f"sender: messages per network message at most (default {DEFAULT_BATCH})")
+    p.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
+                   help="sender: on SIGINT/SIGTERM wait this long for acknowledgements")
+    p.add_argument("--state", metavar="FILE", help="receiver: file recording the last delivered "
+                   "message per sender, so a restart duplicates nothing")
+    p.add_argument("--curve-secret", metavar="FILE", help="this side's secret key file "
+                                                          "(NAME.key_secret)")
+    p.add_argument("--curve-server-key", metavar="FILE",
+                   help="sender: the receiver's public key file (NAME.key)")
+    p.add_argument("--curve-allow", metavar="DIR",
+                   help="receiver: directory of the public key files of allowed senders")
+    p.add_argument("--keygen", metavar="DIR/NAME", help="write a CURVE key pair and exit")
+    p.add_argument("--status-every", type=float, default=1.0, metavar="S",
+                   help="seconds between status lines (default 1)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no status line")
+    p.add_argument("-v", "--verbose", action="store_true", help="log protocol events")
+
+
+def _is_endpoint(s: str) -> bool:
+    return "://" in s
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""                                                   # pragma: no cover
+
+
+def cli_main(args) -> int:
+    """Run ``vringipc bridge`` with parsed `args`; returns the exit status."""
+    import signal
+    import sys
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="vringipc bridge: %(levelname)s: %(message)s")
+    if args.keygen:
+        d, name = os.path.split(args.keygen)
+        pub, sec = keygen(d or ".", name)
+        print(f"public key {pub}\nsecret key {sec}")
+        return 0
+    if not args.src or not args.dst:
+        print("vringipc bridge: --from and --to are required", file=sys.stderr)
+        return 2
+    if _is_endpoint(args.src) == _is_endpoint(args.dst):
+        print("vringipc bridge: one of --from/--to is a local object, the other an endpoint",
+              file=sys.stderr)
+        return 2
+    sending = _is_endpoint(args.dst)
+    endpoint = args.dst if sending else args.src
+    bind = args.bind or (not args.connect and not sending)
+    try:
+        if sending:
+            curve = (CurveClient(args.curve_secret, args.curve_server_key)
+                     if args.curve_secret or args.curve_server_key else None)
+            if curve and not (args.curve_secret and args.curve_server_key):
+                raise ValueError("a sender needs --curve-secret and --curve-server-key")
+        else:
+            curve = (CurveServer(args.curve_secret, args.curve_allow)
+                     if args.curve_secret or args.curve_allow else None)
+            if curve and not (args.curve_secret and args.curve_allow):
+                raise ValueError("a receiver needs --curve-secret and --curve-allow")
+        check_endpoint(endpoint, bind, args.allow_remote)
+        local = open_local(args.src if sending else args.dst)
+    except (ValueError, OSError, ImportError, TypeError) as e:
+        print(f"vringipc bridge: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    tty = sys.stderr.isatty()
+    label = f"{args.src} -> {args.dst}"
+
+    def status(st):
+        if args.quiet:
+            return
+        if sending:
+            line = (f"{label}: {st['messages']:,} msgs {_fmt_bytes(st['bytes'])} acked, "
+                    f"window {st['in_flight']}/{st['window']} ({_fmt_bytes(st['in_flight_bytes'])}),"
+                    f" resent {st['resent']}, reconnects {st['reconnects']}, "
+                    f"{'connected' if st['connected'] else 'waiting for the receiver'}")
+        else:
+            line = (f"{label}: {st['messages']:,} msgs {_fmt_bytes(st['bytes'])} delivered, "
+                    f"{st['duplicates']} dup, {st['refused']} refused, {st['sessions']} "
+                    f"sender(s), connects {st['connects']}, disconnects {st['disconnects']}")
+        if tty:
+            sys.stderr.write("\r\x1b[K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    try:
+        if sending:
+            b = Sender(local, endpoint, bind=bind, window=args.window,
+                       window_bytes=args.window_bytes, batch=args.batch, curve=curve,
+                       allow_remote=args.allow_remote)
+        else:
+            b = Receiver(local, endpoint, bind=bind, state_file=args.state, curve=curve,
+                         allow_remote=args.allow_remote)
+            if not args.state:
+                log.warning("no --state file: a restart of this receiver may deliver the "
+                            "senders' unacknowledged windows twice")
+    except Exception as e:
+        print(f"vringipc bridge: {e}", file=sys.stderr)
+        local.close()
+        return 2
+    code = 0
+    try:
+        if sending:
+            b.run(stop, status, args.status_every, drain_timeout=args.drain_timeout)
+            if b.lost:
+                code = 1
+        else:
+            b.run(stop, status, args.status_every)
+    except BridgeRefused as e:
+        print(f"\nvringipc bridge: refused by the receiver: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        b.close()
+        local.close()
+    if tty and not args.quiet:
+        sys.stderr.write("\n")
+    print(f"vringipc bridge: stopped ({label})", file=sys.stderr)
+    return code
