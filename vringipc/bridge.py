@@ -194,7 +194,7 @@ def _apply_curve(sock, curve, ctx):
         raise ValueError(f"{curve.allow_dir} is not a directory of allowed public keys")
     auth = ThreadAuthenticator(ctx, log=log.getChild("auth"))
     auth.start()
-    auth.configure_curve(domain="*", location=curve.allow_dir)
+    auth.configure_curve(domain="global", location=curve.allow_dir)
     sock.curve_server = True
     sock.setsockopt(zmq.ZAP_DOMAIN, b"global")
     return auth
