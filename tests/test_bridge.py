@@ -304,7 +304,7 @@ def test_wrong_curve_key_is_refused(tmp_path):
 
 class FakeSink:
     accepts = (B.SRC_QUEUE, B.SRC_CHANNEL)
-    max_message = 4096
+    max_message = 40_000
 
     def __init__(self):
         self.got = []
@@ -321,13 +321,10 @@ SESSION = b"S" * 16
 
 
 def _data(seq, items, count=None):
-    desc = []
-    frames = []
-    for kind, main, bufs in items:
-        desc += [kind, len(bufs)]
-        frames += [main, *bufs]
-    n = len(items) if count is None else count
-    return [B.T_DATA, struct.pack("<QI", seq, n) + struct.pack(f"<{len(desc)}H", *desc), *frames]
+    frames = B.build_data(seq, items)
+    if count is not None:                   # a header that lies about the count
+        frames[1] = frames[1][:8] + struct.pack("<I", count) + frames[1][12:]
+    return frames
 
 
 def test_receiver_core_sequence_rules(caplog):
@@ -345,10 +342,12 @@ def test_receiver_core_sequence_rules(caplog):
     assert [m for _k, m, _b in sink.got] == [b"m1", b"m2", b"m3"]
     with caplog.at_level(logging.ERROR, logger="vringipc.bridge"):
         assert core.handle(SESSION, _data(4, [(3, b"x", [])])) == []          # kind 3
-        assert core.handle(SESSION, _data(4, [(0, b"x", [b"1"])])[:-1]) == []  # frame missing
-        assert core.handle(SESSION, _data(4, [(0, b"x" * 5000, [])])) == []   # too large
+        big = _data(4, [(0, b"x", [b"1" * 9000])])
+        assert core.handle(SESSION, big[:-1]) == []                           # frame missing
+        assert core.handle(SESSION, big[:2] + [b"y" + big[2]] + big[3:]) == []  # blob size
+        assert core.handle(SESSION, _data(4, [(0, b"x" * 50_000, [])])) == []   # too large
         assert core.handle(SESSION, [b"Z"]) == []
-    assert core.refused == 4 and "refused" in caplog.text
+    assert core.refused == 5 and "refused" in caplog.text
     assert len(sink.got) == 3
     # a receiver that restarts without memory learns where to resume from HELLO
     core2 = B.ReceiverCore(FakeSink())
@@ -379,8 +378,8 @@ def test_fuzz_receive_side():
     from hypothesis import HealthCheck, given, settings, strategies as st
 
     frame = st.binary(max_size=64)
-    item = st.tuples(st.integers(0, 4), st.binary(max_size=40),
-                     st.lists(st.binary(max_size=16), max_size=3))
+    part = st.one_of(st.binary(max_size=40), st.sampled_from([b"L" * 8192, b"L" * 9000]))
+    item = st.tuples(st.integers(0, 4), part, st.lists(part, max_size=3))
     structured = st.builds(
         lambda seq, items, count, drop, extra: (
             _data(seq, items, count)[:len(_data(seq, items, count)) - drop] + extra),
@@ -496,7 +495,7 @@ def test_malformed_frames_leave_a_real_queue_intact():
     core = B.ReceiverCore(q)
     core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, 1, 1)])
     core.handle(SESSION, _data(1, [(9, b"x", [])]))
-    core.handle(SESSION, _data(1, [(0, b"x", [b"1"])])[:-1])
+    core.handle(SESSION, _data(1, [(0, b"x", [b"1" * 9000])])[:-1])
     core.handle(SESSION, _data(1, [(2, b"ok", [])]))
     assert q.get(timeout=5) == b"ok"
     assert q.empty()

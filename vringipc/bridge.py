@@ -31,7 +31,10 @@ reconnecting session takes its id over).  Either side may bind or connect.
 
 =========  =====================================================================
 sender ->  ``[b"H", <16s session, B source (0 queue, 1 channel), 3x, Q nonce, Q first_unacked>]``
-           ``[b"D", <Q seq_first, I count, count x (H kind, H nbufs)>, main, buf.., main, ..]``
+           ``[b"D", <Q seq_first, I count, I nparts, count x (H kind, H nbufs),
+           nparts x I length>, blob, big part, ...]``: the parts (main, buffers
+           of each message in order) shorter than 8 KiB packed in `blob`, each
+           longer one a frame of its own (sent with copy=False)
 receiver   ``[b"W", <Q nonce, Q delivered>]`` welcome: resume after `delivered`
 ->         ``[b"A", <Q delivered>]`` cumulative acknowledgement
            ``[b"R"]`` unknown session or a gap in the sequence: say hello again
@@ -91,12 +94,13 @@ SRC_QUEUE, SRC_CHANNEL = 0, 1
 
 T_HELLO, T_DATA, T_WELCOME, T_ACK, T_RESYNC, T_ERR = b"H", b"D", b"W", b"A", b"R", b"E"
 HELLO = struct.Struct("<16sB3xQQ")
-DATA_HDR = struct.Struct("<QI")
+DATA_HDR = struct.Struct("<QII")            # seq_first, count, parts
 WELCOME = struct.Struct("<QQ")
 ACK = struct.Struct("<Q")
 MAX_BATCH = 4096                    # messages per DATA message
 MAX_BUFS = 4094                     # out-of-band buffers per Queue message (parts <= 4096)
 MAX_SEQ = (1 << 63) - 1
+INLINE_MAX = 8192                   # parts shorter than this travel packed in one frame
 
 DEFAULT_WINDOW = 1024
 DEFAULT_WINDOW_BYTES = 16 << 20
@@ -554,22 +558,32 @@ class _Session:
 
 def parse_data(frames, max_message: int, check=None):
     """Validate a DATA message (``frames[0] == b"D"``) completely; returns
-    (seq_first, [(kind, main, bufs, size), ...]) or raises ProtocolError."""
+    (seq_first, [(kind, main, bufs, size), ...]) or raises ProtocolError.
+    Parts shorter than INLINE_MAX are views of the blob frame, the others
+    are frames of their own (that rule is checked, not trusted)."""
     if len(frames) < 3:
         raise ProtocolError(f"DATA with {len(frames)} frames")
     hdr = memoryview(frames[1])
-    if hdr.nbytes < DATA_HDR.size + 4 or (hdr.nbytes - DATA_HDR.size) % 4:
+    if hdr.nbytes < DATA_HDR.size:
         raise ProtocolError(f"DATA header of {hdr.nbytes} bytes")
-    seq, count = DATA_HDR.unpack_from(hdr, 0)
-    if count != (hdr.nbytes - DATA_HDR.size) // 4 or not 1 <= count <= MAX_BATCH:
-        raise ProtocolError(f"DATA header says {count} messages in {hdr.nbytes} bytes")
+    seq, count, nparts = DATA_HDR.unpack_from(hdr, 0)
+    if not 1 <= count <= MAX_BATCH or not count <= nparts <= count * (MAX_BUFS + 1):
+        raise ProtocolError(f"DATA header says {count} messages, {nparts} parts")
+    if hdr.nbytes != DATA_HDR.size + 4 * count + 4 * nparts:
+        raise ProtocolError(f"DATA header of {hdr.nbytes} bytes for {count} messages, "
+                            f"{nparts} parts")
     if not 1 <= seq <= MAX_SEQ - count:
         raise ProtocolError(f"DATA sequence number {seq} out of range")
     desc = struct.unpack_from(f"<{2 * count}H", hdr, DATA_HDR.size)
-    if sum(desc[1::2]) + count != len(frames) - 2:
-        raise ProtocolError(f"DATA header describes {sum(desc[1::2]) + count} frames, "
-                            f"{len(frames) - 2} came")
-    msgs, pos = [], 2
+    if sum(desc[1::2]) + count != nparts:
+        raise ProtocolError(f"DATA describes {sum(desc[1::2]) + count} parts, header says "
+                            f"{nparts}")
+    lens = struct.unpack_from(f"<{nparts}I", hdr, DATA_HDR.size + 4 * count)
+    blob = memoryview(frames[2])
+    big = [ln for ln in lens if ln >= INLINE_MAX]
+    if len(big) != len(frames) - 3 or sum(lens) - sum(big) != blob.nbytes:
+        raise ProtocolError("DATA parts do not match the frames")
+    msgs, pos, nxt, k = [], 0, 3, 0
     for i in range(count):
         kind, nbufs = desc[2 * i], desc[2 * i + 1]
         if kind not in KINDS:
@@ -578,14 +592,37 @@ def parse_data(frames, max_message: int, check=None):
             raise ProtocolError(f"{nbufs} buffers in one message")
         if check is not None:
             check(kind, nbufs)
-        main = frames[pos]
-        bufs = frames[pos + 1:pos + 1 + nbufs]
-        pos += 1 + nbufs
-        size = memoryview(main).nbytes + sum(memoryview(b).nbytes for b in bufs)
+        parts, size = [], 0
+        for ln in lens[k:k + 1 + nbufs]:
+            if ln < INLINE_MAX:
+                parts.append(blob[pos:pos + ln])
+                pos += ln
+            else:
+                f = frames[nxt]
+                nxt += 1
+                if memoryview(f).nbytes != ln:
+                    raise ProtocolError("a DATA frame differs from its stated length")
+                parts.append(f)
+            size += ln
+        k += 1 + nbufs
         if size > max_message:
             raise ProtocolError(f"message of {size} bytes, the local object takes {max_message}")
-        msgs.append((kind, main, bufs, size))
+        msgs.append((kind, parts[0], parts[1:], size))
     return seq, msgs
+
+
+def build_data(seq: int, entries) -> list:
+    """The frames of a DATA message for entries (kind, main, bufs)."""
+    desc, lens, small, big = [], [], [], []
+    for kind, main, bufs in entries:
+        desc += (kind, len(bufs))
+        for part in (main, *bufs):
+            ln = part.nbytes if isinstance(part, memoryview) else len(part)
+            lens.append(ln)
+            (small if ln < INLINE_MAX else big).append(part)
+    hdr = (DATA_HDR.pack(seq, len(entries), len(lens)) + struct.pack(f"<{len(desc)}H", *desc)
+           + struct.pack(f"<{len(lens)}I", *lens))
+    return [T_DATA, hdr, b"".join(small), *big]
 
 
 class ReceiverCore:
@@ -885,21 +922,17 @@ class Sender:
         while self.welcomed and win and self.send_seq < self.next_seq:
             i = self.send_seq - win[0][0]
             first = self.send_seq
-            desc, frames, nbytes = [], [], 0
-            while i < len(win) and len(desc) < 2 * self.batch and (nbytes < BATCH_BYTES or not desc):
-                _seq, kind, main, bufs, size, _rel = win[i]
-                desc += (kind, len(bufs))
-                frames.append(main)
-                frames.extend(bufs)
-                nbytes += size
+            batch, nbytes = [], 0
+            while i < len(win) and len(batch) < self.batch and (nbytes < BATCH_BYTES or not batch):
+                e = win[i]
+                batch.append((e[1], e[2], e[3]))
+                nbytes += e[4]
                 i += 1
-            n = len(desc) // 2
-            hdr = DATA_HDR.pack(first, n) + struct.pack(f"<{2 * n}H", *desc)
             try:
-                sock.send_multipart([T_DATA, hdr] + frames, zmq.NOBLOCK, copy=nbytes < 65536)
+                sock.send_multipart(build_data(first, batch), zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return                                  # the link is full or down: later
-            self.send_seq = first + n
+            self.send_seq = first + len(batch)
 
     def _take(self, timeout: float) -> bool:
         room = self.window - len(self.win)
