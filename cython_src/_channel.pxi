@@ -186,7 +186,7 @@ cdef class ChannelSender:
     cdef int _wait_space(self, int64_t deadline) except -1:
         """1 = retry, 0 = timeout, 2 = consumer exited."""
         return _wait_ring(&self.d, _drv_pending, _drv_arm, _drv_disarm, self.call_fd,
-                          self.peer_fd, deadline, self.spin_ns, self.check, 0.1)
+                          self.peer_fd, deadline, self.spin_ns, self.check, 0.1, self.mapped)
 
     cdef int _reserve(self, uint64_t size, bint block, object timeout, uint64_t *off,
                       uint16_t *head) except -1:
@@ -632,7 +632,7 @@ cdef class ChannelReceiver:
                 deadline = _deadline(timeout)
             watched = self.peer_fd           # the pidfd this wait watches
             rc = _wait_ring(&self.h, _host_pending, _host_arm, _host_disarm, self.kick_fd,
-                            watched, deadline, self.spin_ns, self.check, 0.1)
+                            watched, deadline, self.spin_ns, self.check, 0.1, self.mapped)
             if rc == 0:
                 return 0
             if rc == 2 and not vrh_avail_pending(&self.h):
@@ -651,7 +651,7 @@ cdef class ChannelReceiver:
         while True:
             watched = self.peer_fd
             rc = _wait_ring(&self.h, _host_pending, _host_arm, _host_disarm, self.kick_fd,
-                            watched, deadline, self.spin_ns, self.check, 0.1)
+                            watched, deadline, self.spin_ns, self.check, 0.1, self.mapped)
             if rc == 2 and not vrh_avail_pending(&self.h):
                 self._peer_exited(watched)
                 continue

@@ -17,14 +17,24 @@
 #             used->idx is stored.  Killed before: the message is still there
 #             for another consumer.  Killed after: that process had it.
 #
-# A lock whose owner thread is gone is taken over.  Critical sections hold no
-# Python code, only memcpy.  Slot i of the ring is message i (desc, avail and
+# Each side's lock is vr_lock.h (robust: owner identity is thread id + start
+# time; waiters sleep on a futex in slices that check signals, the deadline
+# and close()); a lock whose owner is gone is taken over.  Critical sections
+# run no Python code and allocate nothing: only memcpy.  Per-call state lives
+# in C locals and return values, never on the shared QueueCore (two threads of
+# one process may be inside it at once).  Slot i of the ring is message i (desc, avail and
 # used entries of index i all live in slot i & mask), so no free list is
 # shared; arena bytes are a FIFO byte ring reclaimed in order, skipping
 # nothing: a message held by a zero-copy view (HELD[i] = holder pid) stops
-# reclamation until released or until its holder dies.
+# reclamation until released by that process or until it dies.
+#
+# Arena positions count bytes modulo pos_mod, the largest multiple of the
+# arena size that fits in 48 bits, so `pos % data_size` never jumps when a
+# position wraps, whatever the capacity.
 
-from libc.errno cimport ESRCH, EPERM
+from libc.errno cimport ESRCH, EPERM, ETIMEDOUT, EXDEV
+cdef extern from "<errno.h>":
+    enum: EDEADLK
 import copyreg as _copyreg
 import io as _io
 import pickle as _pickle
@@ -73,74 +83,61 @@ def _mp_dumps(obj, buffer_callback):
         bufs.clear()
         st[3] = False
 
-cdef extern from "<sys/syscall.h>" nogil:
-    enum:
-        SYS_gettid
-cdef extern from "<unistd.h>" nogil:
-    long syscall(long number, ...)
 cdef extern from "<signal.h>" nogil:
     int kill(int pid, int sig)
 
+cdef extern from "vr_lock.h" nogil:
+    uint64_t vr_lock_me()
+    int vr_lock_init()
+    bint vr_lock_try(uint64_t *w, uint64_t me)
+    int vr_lock_wait(uint64_t *w, uint64_t me, int64_t slice_ns)
+    void vr_lock_release(uint64_t *w)
+    bint vr_lock_owner_dead(uint64_t word)
+    int vr_proc_stat(uint32_t tid, char *state, uint64_t *start)
+    enum:
+        VR_LOCK_TID_MASK
+
 cdef extern from *:
     """
-    #include <time.h>
-    #include <pthread.h>
-    #include <unistd.h>
-    #include <sys/syscall.h>
+    #include <sys/stat.h>
     static inline void vr_sleep_ns(long ns) {
         struct timespec ts = { ns / 1000000000L, ns % 1000000000L };
         nanosleep(&ts, NULL);
     }
-    /* The calling thread's id, cached per thread (gettid is a syscall); the
-     * cache is dropped in a forked child, whose thread has a new id. */
-    static __thread uint32_t vr_tid_cache;
+    /* The calling process's pid, cached (dropped in a forked child). */
     static uint32_t vr_pid_cache;
-    static void vr_tid_forget(void) { vr_tid_cache = 0; vr_pid_cache = 0; }
-    static inline uint32_t vr_gettid(void) {
-        if (!vr_tid_cache) vr_tid_cache = (uint32_t)syscall(SYS_gettid);
-        return vr_tid_cache;
-    }
+    static void vr_pid_forget(void) { vr_pid_cache = 0; }
     static inline uint32_t vr_getpid(void) {
         if (!vr_pid_cache) vr_pid_cache = (uint32_t)getpid();
         return vr_pid_cache;
     }
-    static int vr_tid_init(void) { return pthread_atfork(NULL, NULL, vr_tid_forget); }
-    #include <fcntl.h>
-    #include <stdio.h>
-    #include <string.h>
-    /* 1 if /proc/<id>/stat says the task is a zombie or dead. */
-    static int vr_proc_zombie(uint32_t id) {
-        char path[48], buf[512];
-        snprintf(path, sizeof path, "/proc/%u/stat", id);
-        int fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0) return 0;            /* cannot tell: assume alive */
-        ssize_t n = read(fd, buf, sizeof buf - 1);
-        close(fd);
-        if (n <= 0) return 0;
-        buf[n] = 0;
-        char *p = strrchr(buf, ')');     /* comm may contain spaces and parens */
-        if (!p || p[1] != ' ') return 0;
-        return p[2] == 'Z' || p[2] == 'X';
+    static int vr_pid_init(void) { return pthread_atfork(NULL, NULL, vr_pid_forget); }
+    /* Inode of this process's PID namespace (0 if /proc cannot tell). */
+    static uint64_t vr_pidns_id(void) {
+        struct stat st;
+        if (stat("/proc/self/ns/pid", &st) != 0) return 0;
+        return (uint64_t)st.st_ino;
     }
     """
     void vr_sleep_ns(long ns) nogil
-    uint32_t vr_gettid() nogil
     uint32_t vr_getpid() nogil
-    int vr_tid_init()
-    bint vr_proc_zombie(uint32_t id) nogil
+    int vr_pid_init()
+    uint64_t vr_pidns_id() nogil
 
-vr_tid_init()
+vr_lock_init()
+vr_pid_init()
 
 # Queue control block, in the header's application area (documented in
 # vringipc/layout.py, checked against QUEUE_OFFSETS by tests/test_layout.py).
 # Producer and consumer words sit on separate 64-byte lines.
 cdef enum:
-    Q_MAGIC_OFF = 0x400            # u32 b"VRQ1"
+    Q_MAGIC_OFF = 0x400            # u32 b"VRQ2"
     Q_MAXSIZE_OFF = 0x408          # u64 maxsize in items, 0 = no item limit
-    Q_PLOCK_OFF = 0x440            # u32 producer lock owner tid, 0 = free
+    Q_PIDNS_OFF = 0x410            # u64 creator's PID namespace inode (lock owners are tids)
+    Q_PLOCK_OFF = 0x440            # u64 producer lock (vr_lock.h), 0 = free
     Q_PSTATE_OFF = 0x448           # u64 avail idx (low 16 bits) | arena head pos << 16
     Q_RECLAIM_OFF = 0x450          # u32 oldest message that may still use arena bytes
-    Q_CLOCK_OFF = 0x480            # u32 consumer lock owner tid
+    Q_CLOCK_OFF = 0x480            # u64 consumer lock (vr_lock.h)
     # The sleeper counts are read by the other side on every call: each on a
     # line of its own that is written only when someone goes to sleep, so the
     # reads stay cache hits instead of bouncing the lock lines.
@@ -148,13 +145,14 @@ cdef enum:
     Q_GET_SLEEPERS_OFF = 0x500     # u32 consumers asleep waiting for a message
     Q_UNFINISHED_OFF = 0x540       # u64 JoinableQueue unfinished tasks
     Q_JOIN_SLEEPERS_OFF = 0x548    # u32 processes asleep in join()
-    Q_MAGIC = 0x31515256           # "VRQ1"
+    Q_MAGIC = 0x32515256           # "VRQ2"
 
 QUEUE_OFFSETS = {
-    "magic": Q_MAGIC_OFF, "maxsize": Q_MAXSIZE_OFF, "prod_lock": Q_PLOCK_OFF,
-    "prod_state": Q_PSTATE_OFF, "reclaim": Q_RECLAIM_OFF, "put_sleepers": Q_PUT_SLEEPERS_OFF,
-    "cons_lock": Q_CLOCK_OFF, "get_sleepers": Q_GET_SLEEPERS_OFF,
-    "unfinished": Q_UNFINISHED_OFF, "join_sleepers": Q_JOIN_SLEEPERS_OFF,
+    "magic": Q_MAGIC_OFF, "maxsize": Q_MAXSIZE_OFF, "pidns": Q_PIDNS_OFF,
+    "prod_lock": Q_PLOCK_OFF, "prod_state": Q_PSTATE_OFF, "reclaim": Q_RECLAIM_OFF,
+    "put_sleepers": Q_PUT_SLEEPERS_OFF, "cons_lock": Q_CLOCK_OFF,
+    "get_sleepers": Q_GET_SLEEPERS_OFF, "unfinished": Q_UNFINISHED_OFF,
+    "join_sleepers": Q_JOIN_SLEEPERS_OFF,
 }
 
 cdef enum:
@@ -163,57 +161,65 @@ cdef enum:
     MSG_PICKLE = 0
     MSG_CUSTOM = 1
     MSG_RAW_BYTES = 2
-cdef uint64_t POS_MASK = (1ULL << 48) - 1
+    MSG_HDR = 16                   # u32 nbufs, u32 kind, u64 len(main); then u64 len(buf) each
+    LOCK_SLICE_NS = 20_000_000     # a lock waiter checks signals / deadline / close this often
 
-cdef inline uint32_t _gettid() noexcept nogil:
-    return vr_gettid()
+LOCK_TID_MASK = VR_LOCK_TID_MASK   # owner thread id bits of a lock word (tests, tools)
+KINDS = {"pickle": MSG_PICKLE, "custom": MSG_CUSTOM, "raw_bytes": MSG_RAW_BYTES}
 
-cdef inline bint _tid_dead(uint32_t tid) noexcept nogil:
-    # kill(tid, 0) addresses any thread or process id; ESRCH = gone.  A killed
-    # process that its parent has not reaped yet is a zombie and still answers
-    # kill(): look at its state in /proc too (Z zombie, X dead).
-    if kill(<int>tid, 0) != 0:
+
+cdef inline bint _pid_dead(uint32_t pid) noexcept nogil:
+    # kill(pid, 0) addresses any process; ESRCH = gone.  A killed process its
+    # parent has not reaped yet is a zombie and still answers kill(): look at
+    # its state in /proc too (Z zombie, X dead).
+    cdef char st = 0
+    cdef uint64_t start
+    if kill(<int>pid, 0) != 0:
         return errno == ESRCH
-    return vr_proc_zombie(tid)
+    if vr_proc_stat(pid, &st, &start) != 0:
+        return False
+    return st == b'Z' or st == b'X'
 
 
-cdef int _robust_lock(uint32_t *word, uint32_t me, int64_t deadline) noexcept nogil:
-    """Take a cross-process lock word (owner tid, 0 = free).  Spins, then
-    yields, then sleeps; takes over a lock whose owner thread no longer exists.
-    0 = taken, 1 = taken over from a dead owner, -ETIMEDOUT = deadline passed.
-    Must be called without the GIL (the owner may be a thread of this process
-    that needs the GIL to finish)."""
-    cdef uint32_t owner
-    cdef uint64_t spins = 0
-    while True:
-        if vr_load_relaxed_u32(word) == 0 and vr_cas_u32(word, 0, me):
-            return 0
-        spins += 1
-        if spins < 2000:
-            vr_cpu_relax()
-            continue
-        owner = vr_load_relaxed_u32(word)
-        if owner != 0 and owner != me and _tid_dead(owner):
-            if vr_cas_u32(word, owner, me):
-                return 1
-        if deadline >= 0 and <int64_t>vr_now_ns() >= deadline:
-            return -110   # ETIMEDOUT
-        if spins < 4000:
-            sched_yield()
-        else:
-            vr_sleep_ns(20000)
-
-
-cdef inline void _unlock(uint32_t *word) noexcept nogil:
-    # Release: everything written in the critical section is visible to the
-    # next owner, which acquires through its successful CAS.
-    vr_store_release_u32(word, 0)
+cdef object _parse_message(object msg):
+    """(kind, main, buffers) of a whole message (bytearray or HeldMessage),
+    every length checked against the message: the bytes come from shared
+    memory and are not trusted."""
+    cdef const uint8_t[::1] mv = memoryview(msg)
+    cdef Py_ssize_t n = mv.shape[0]
+    cdef uint64_t nbufs, kind, main_len, ln, pos, meta_len, main_off
+    cdef Py_ssize_t k
+    if n < MSG_HDR:
+        raise _pickle.UnpicklingError("corrupt queue message: short header")
+    nbufs = (<const uint32_t *>&mv[0])[0]
+    kind = (<const uint32_t *>&mv[0])[1]
+    main_len = (<const uint64_t *>&mv[0])[1]
+    meta_len = MSG_HDR + 8 * nbufs
+    if nbufs > <uint64_t>n // 8 or meta_len > <uint64_t>n:
+        raise _pickle.UnpicklingError("corrupt queue message: buffer count")
+    main_off = _align_up(meta_len, ALLOC_ALIGN)
+    if main_len > <uint64_t>n or main_off + main_len > <uint64_t>n:
+        raise _pickle.UnpicklingError("corrupt queue message: main length")
+    view = memoryview(msg)
+    main = view[main_off:main_off + main_len]
+    bufs = []
+    pos = main_off + main_len
+    for k in range(<Py_ssize_t>nbufs):
+        ln = (<const uint64_t *>&mv[MSG_HDR])[k]
+        pos = _align_up(pos, ALLOC_ALIGN)
+        if ln > <uint64_t>n or pos + ln > <uint64_t>n:
+            raise _pickle.UnpicklingError("corrupt queue message: buffer length")
+        bufs.append(view[pos:pos + ln])
+        pos += ln
+    return (<int>kind, main, bufs)
 
 
 cdef class HeldMessage:
     """A queue message consumed without copying: read-only bytes in shared
     memory, pinned (the producers will not reuse them) until this object is
-    garbage-collected, i.e. until every array/memoryview made from it is gone."""
+    garbage-collected, i.e. until every array/memoryview made from it is gone.
+    The pin belongs to the process that took the message: a forked child that
+    inherits this object and drops it releases nothing."""
     cdef QueueCore q
     cdef uint8_t *ptr
     cdef uint64_t length
@@ -224,6 +230,8 @@ cdef class HeldMessage:
     def __getbuffer__(self, Py_buffer *buf, int flags):
         if flags & PyBUF_WRITABLE:
             raise BufferError("zero-copy queue data is read-only")
+        if self.q is None or vr_getpid() != self.holder:
+            raise BufferError("this zero-copy message belongs to another process")
         PyBuffer_FillInfo(buf, self, self.ptr, self.length, 1, flags)
 
     def __releasebuffer__(self, Py_buffer *buf):
@@ -235,15 +243,19 @@ cdef class HeldMessage:
     def __dealloc__(self):
         if not self.released and self.q is not None:
             self.released = True
-            self.q._unhold(self.slot, self.holder)
+            if vr_getpid() == self.holder:
+                self.q._unhold(self.slot, self.holder)
 
 
 cdef class QueueCore:
-    """Shared-state MPMC ring (see the top of _queue.pxi)."""
+    """Shared-state MPMC ring (see the top of _queue.pxi).  Moves bytes plus a
+    message kind; serialization is vringipc/queue.py's business (the `put` and
+    `get` methods below are its fast path for the default pickle serializer
+    and plain bytes, bound directly as Queue.put/get)."""
     cdef _Mapped mapped
     cdef object __weakref__
     cdef vrh_t h                 # private: validation walker over the ring (consumer side)
-    cdef vr_iov riov
+    cdef vr_iov riov             # written only under the consumer lock
     cdef uint8_t *base
     cdef uint32_t num, mask
     cdef vr_desc *desc
@@ -253,11 +265,12 @@ cdef class QueueCore:
     cdef uint32_t *held          # [num] shared: pid holding message i's bytes (0 = none)
     cdef uint64_t data_off       # arena bytes for messages: [data_off, data_off + data_size)
     cdef uint64_t data_size
-    cdef uint32_t *plock
+    cdef uint64_t pos_mod        # positions count modulo this multiple of data_size
+    cdef uint64_t *plock
     cdef uint64_t *pstate
     cdef uint32_t *reclaim
     cdef uint32_t *put_sleepers
-    cdef uint32_t *clock_
+    cdef uint64_t *clock_
     cdef uint32_t *get_sleepers
     cdef uint64_t *unfinished
     cdef uint32_t *join_sleepers
@@ -268,17 +281,16 @@ cdef class QueueCore:
     cdef public int64_t spin_ns
     cdef public object check     # callable run while asleep (may raise)
     cdef public uint64_t stolen_locks   # locks taken over from dead owners (diagnostics)
-    cdef public object first_use        # callable run once per process before its first put/get
-    cdef public object deserialize      # callable for messages that are not a plain pickle
-    cdef public int last_kind           # kind of the message get_raw returned as bytes
+    cdef public object first_use        # callable run once per (process, thread) before its first put/get
     cdef uint32_t registered_pid
+    cdef uint64_t last_caller           # lock identity of the last thread through first_use
 
     def __cinit__(self, buffer, uint32_t num, uint64_t desc_off, uint64_t avail_off,
                   uint64_t used_off, uint64_t win_off, uint64_t win_size, *,
                   uint64_t max_msg=0xffffffff, uint32_t max_iov=1024, bint init=False,
                   uint64_t maxsize=0, int kick_fd=-1, int call_fd=-1, int join_fd=-1,
                   spin_ns=DEFAULT_SPIN_NS):
-        self.mapped = _Mapped(buffer)
+        self.mapped = _Mapped(buffer, "queue")
         check_ring_geometry(self.mapped.size, num, desc_off, avail_off, used_off, win_off, win_size)
         cdef uint64_t side = _align_up(num * (sizeof(uint64_t) + sizeof(uint32_t)), ALLOC_ALIGN)
         if win_size <= side + ALLOC_ALIGN:
@@ -293,19 +305,27 @@ cdef class QueueCore:
         self.held = <uint32_t *>(self.base + win_off + num * sizeof(uint64_t))
         self.data_off = win_off + side
         self.data_size = (win_size - side) & ~(<uint64_t>ALLOC_ALIGN - 1)
-        self.plock = <uint32_t *>(self.base + Q_PLOCK_OFF)
+        self.pos_mod = ((1ULL << POS_BITS) // self.data_size) * self.data_size
+        self.plock = <uint64_t *>(self.base + Q_PLOCK_OFF)
         self.pstate = <uint64_t *>(self.base + Q_PSTATE_OFF)
         self.reclaim = <uint32_t *>(self.base + Q_RECLAIM_OFF)
         self.put_sleepers = <uint32_t *>(self.base + Q_PUT_SLEEPERS_OFF)
-        self.clock_ = <uint32_t *>(self.base + Q_CLOCK_OFF)
+        self.clock_ = <uint64_t *>(self.base + Q_CLOCK_OFF)
         self.get_sleepers = <uint32_t *>(self.base + Q_GET_SLEEPERS_OFF)
         self.unfinished = <uint64_t *>(self.base + Q_UNFINISHED_OFF)
         self.join_sleepers = <uint32_t *>(self.base + Q_JOIN_SLEEPERS_OFF)
+        cdef uint64_t ns = vr_pidns_id(), theirs
         if init:
             vr_store_relaxed_u64(<uint64_t *>(self.base + Q_MAXSIZE_OFF), maxsize)
+            vr_store_relaxed_u64(<uint64_t *>(self.base + Q_PIDNS_OFF), ns)
             vr_store_release_u32(<uint32_t *>(self.base + Q_MAGIC_OFF), Q_MAGIC)
         elif vr_load_acquire_u32(<uint32_t *>(self.base + Q_MAGIC_OFF)) != Q_MAGIC:
-            raise ValueError("segment is not a vringipc queue")
+            raise ValueError("segment is not a vringipc queue (or of another version)")
+        else:
+            theirs = vr_load_relaxed_u64(<uint64_t *>(self.base + Q_PIDNS_OFF))
+            if theirs and ns and theirs != ns:
+                raise OSError(EXDEV, "this queue was created in another PID namespace: its "
+                              "lock owners (thread ids) cannot be told apart from here")
         self.maxsize = vr_load_relaxed_u64(<uint64_t *>(self.base + Q_MAXSIZE_OFF))
         # The private walker validates every chain like VringHost does: a
         # message's bytes must lie in the data region.
@@ -320,13 +340,21 @@ cdef class QueueCore:
         _vrh_free(&self.h)
         PyMem_RawFree(self.riov.seg)
 
-    def close(self):
-        self.base = NULL
-        self.mapped.release()
+    def close(self, finalizer=None):
+        """Close (see _Mapped): put/get/join raise ValueError from now on,
+        calls blocked in other threads wake up and raise ValueError, and
+        `finalizer` runs once the last of them has returned.  qsize() keeps
+        answering for as long as the caller keeps the segment mapped."""
+        self.mapped.close(finalizer, (self.kick_fd, self.call_fd, self.join_fd))
 
-    cdef inline _check_open(self):
-        if self.base == NULL:
+    @property
+    def closed(self):
+        return self.mapped.closing
+
+    cdef inline int _check_open(self) except -1:
+        if self.mapped.closing:
             raise ValueError("queue is closed")
+        return 0
 
     @property
     def max_message(self):
@@ -341,10 +369,9 @@ cdef class QueueCore:
     def maxsize(self):
         return self.maxsize
 
-    # --- sizes (from the ring indices: work everywhere) -------------------------
+    # --- sizes (from the ring indices: work everywhere, even after close) --------
     def qsize(self):
         """Messages published and not yet taken (approximate, like mp.Queue)."""
-        self._check_open()
         # used first: a racing get between the two loads cannot make a < u
         cdef uint16_t u = vr_load_acquire_u16(&self.used.idx)
         cdef uint16_t a = vr_load_acquire_u16(&self.avail.idx)
@@ -360,13 +387,70 @@ cdef class QueueCore:
                 n += 1
         return n
 
+    # --- test hooks -------------------------------------------------------------
+    def _set_head_position(self, uint64_t pos):
+        """Test hook: start the arena positions at `pos` (e.g. just below the
+        wrap).  Only on an empty, quiet queue."""
+        cdef uint64_t st = vr_load_relaxed_u64(self.pstate)
+        cdef uint16_t a = <uint16_t>(st & 0xffff)
+        if a != vr_load_relaxed_u16(&self.used.idx) or a != <uint16_t>vr_load_relaxed_u32(self.reclaim):
+            raise ValueError("queue is not empty")
+        pos = pos % self.pos_mod
+        vr_store_release_u64(self.pstate, (<uint64_t>a) | (pos << 16))
+
+    @property
+    def position_modulus(self):
+        return self.pos_mod
+
+    # --- the lock (vr_lock.h) ------------------------------------------------------
+    cdef int _lock(self, uint64_t *w, int64_t deadline) except -2:
+        """Take a side's lock.  0 = taken, 1 = taken over from a dead owner,
+        -1 = deadline passed.  Sleeps without the GIL (the owner may be a
+        thread of this process) in slices: Ctrl-C, the deadline and close()
+        are seen within LOCK_SLICE_NS even if the owner is stopped."""
+        cdef uint64_t me = vr_lock_me()
+        cdef int rc
+        cdef int64_t slice_ns
+        if vr_lock_try(w, me):
+            return 0
+        while True:
+            slice_ns = LOCK_SLICE_NS
+            if deadline >= 0:
+                slice_ns = _remaining(deadline)
+                if slice_ns > LOCK_SLICE_NS:
+                    slice_ns = LOCK_SLICE_NS
+            with nogil:
+                rc = vr_lock_wait(w, me, slice_ns)
+            if rc == 1:
+                self.stolen_locks += 1
+                return 1
+            if rc == 0:
+                return 0
+            if rc == -EDEADLK:
+                raise RuntimeError("re-entrant queue call: this thread already holds the "
+                                   "queue's lock (from a signal handler or a finalizer?)")
+            PyErr_CheckSignals()
+            self.mapped.check()
+            if deadline >= 0 and _remaining(deadline) == 0:
+                return -1
+
+    # --- positions ---------------------------------------------------------------
+    cdef inline uint64_t _pos_add(self, uint64_t p, uint64_t n) noexcept nogil:
+        p += n
+        return p - self.pos_mod if p >= self.pos_mod else p
+
+    cdef inline uint64_t _pos_diff(self, uint64_t a, uint64_t b) noexcept nogil:
+        return a - b if a >= b else a + self.pos_mod - b
+
     # --- producer ------------------------------------------------------------------
     cdef inline void _repair_avail(self) noexcept nogil:
         # A producer killed between its commit and the avail->idx store left
-        # avail->idx behind PROD_STATE: finish its publish.
+        # avail->idx behind PROD_STATE: finish its publish.  CAS from the value
+        # seen, so a consumer's concurrent repair is never undone.
         cdef uint16_t a = <uint16_t>(vr_load_relaxed_u64(self.pstate) & 0xffff)
-        if vr_load_relaxed_u16(&self.avail.idx) != a:
-            vr_store_release_u16(&self.avail.idx, a)
+        cdef uint16_t cur = vr_load_relaxed_u16(&self.avail.idx)
+        if cur != a and <uint16_t>(a - cur) <= self.num:
+            vr_cas_u16(&self.avail.idx, cur, a)
 
     cdef inline uint16_t _reclaim(self, uint16_t a) noexcept nogil:
         """Advance RECLAIM past messages that are consumed and not held."""
@@ -380,7 +464,7 @@ cdef class QueueCore:
         while r != u:
             holder = vr_load_relaxed_u32(&self.held[r & self.mask])
             if holder != 0:
-                if not _tid_dead(holder):
+                if not _pid_dead(holder):
                     break
                 self.held[r & self.mask] = 0     # holder died: its pin goes with it
             r += 1
@@ -407,12 +491,14 @@ cdef class QueueCore:
                 return -ENOSPC
         asz = _align_up(total, ALLOC_ALIGN)
         p = head_pos
+        if p >= self.pos_mod:
+            p %= self.pos_mod                        # a corrupt head cannot send us astray
         o = p % self.data_size
         if o + asz > self.data_size:
-            p = (p + self.data_size - o) & POS_MASK   # skip the region's tail end
+            p = self._pos_add(p, self.data_size - o)   # skip the region's tail end
             o = 0
         tail_pos = p if r == a else vr_load_relaxed_u64(&self.slot_start[r & self.mask])
-        if ((p + asz - tail_pos) & POS_MASK) > self.data_size:
+        if tail_pos >= self.pos_mod or self._pos_diff(self._pos_add(p, asz), tail_pos) > self.data_size:
             return -ENOSPC
         # Write the message: parts back to back, each 64-byte aligned.
         dst = self.base + self.data_off + o
@@ -430,7 +516,7 @@ cdef class QueueCore:
         vr_store_relaxed_u16(&self.avail.ring[a & self.mask], <uint16_t>(a & self.mask))
         # The commit point (release): the message above is complete before it.
         vr_store_release_u64(self.pstate, (<uint64_t>(<uint16_t>(a + 1))) |
-                             (((p + asz) & POS_MASK) << 16))
+                             (self._pos_add(p, asz) << 16))
         # Barrier A (release): pairs with the consumer's acquire of avail->idx.
         vr_store_release_u16(&self.avail.idx, <uint16_t>(a + 1))
         return 0
@@ -445,7 +531,7 @@ cdef class QueueCore:
 
     cdef int _spin(self, uint16_t *idx, uint16_t while_equal, int64_t deadline) except -1:
         """Busy-wait (GIL released) up to spin_ns for *idx to leave
-        `while_equal`, in 20 ms slices with a signal check between them."""
+        `while_equal`, in 20 ms slices with a signal and close check between."""
         cdef int64_t left = self.spin_ns
         cdef int64_t end
         cdef bint moved = False
@@ -460,20 +546,21 @@ cdef class QueueCore:
                         break
                     vr_cpu_relax()
             left -= 20_000_000
+            self.mapped.check()
             if deadline >= 0 and _remaining(deadline) == 0:
                 break
             PyErr_CheckSignals()
         return 0
 
     cdef int _doze(self, int fd, int64_t deadline) except -1:
-        """Sleep on fd until signalled or the deadline (in slices of 100 ms when
-        a check() is set).  1 = woken or slice over, 0 = deadline passed."""
+        """Sleep on fd until signalled, closed, or the deadline, in slices of
+        at most 100 ms.  1 = woken or slice over, 0 = deadline passed."""
         cdef int rc
         cdef int64_t rem = _remaining(deadline)
         if rem == 0:
             return 0
-        if self.check is not None and (rem < 0 or rem > 100_000_000):
-            rem = 100_000_000
+        if rem < 0 or rem > SLEEP_SLICE_NS:
+            rem = SLEEP_SLICE_NS
         if fd < 0:
             with nogil:
                 vr_sleep_ns(50_000)
@@ -484,20 +571,26 @@ cdef class QueueCore:
             PyErr_CheckSignals()
         elif rc < 0:
             raise OSError(-rc, "poll on eventfd failed")
+        self.mapped.check()
         return 1
 
-    cdef int _put_once(self, uint32_t me, const uint8_t **srcs, const uint64_t *lens,
-                       uint32_t n, uint64_t total, int64_t lock_deadline) noexcept nogil:
-        cdef int rc = _robust_lock(self.plock, me, lock_deadline)
+    cdef int _put_once(self, const uint8_t **srcs, const uint64_t *lens, uint32_t n,
+                       uint64_t total, int64_t lock_deadline) except -2:
+        """Lock, place, unlock, wake.  0 = published, -ENOSPC = full,
+        -ETIMEDOUT = the lock's deadline passed (its holder is stuck)."""
+        cdef int rc = self._lock(self.plock, lock_deadline)
         if rc < 0:
-            return rc                      # the lock holder is stuck (alive but stopped)
-        if rc == 1:
-            self.stolen_locks += 1
-        self._repair_avail()
-        rc = self._try_put(srcs, lens, n, total)
-        _unlock(self.plock)
-        if rc == 0:
-            self._wake(self.get_sleepers, self.kick_fd)
+            return -ETIMEDOUT
+        with nogil:
+            self._repair_avail()
+            rc = self._try_put(srcs, lens, n, total)
+            vr_lock_release(self.plock)
+            if rc == 0:
+                self._wake(self.get_sleepers, self.kick_fd)
+                # Several sleepers share one eventfd, and the first to wake
+                # drains it: pass the wake-up on while there is room left.
+                if vr_load_relaxed_u32(self.put_sleepers) != 0:
+                    _signal_fd(self.call_fd)
         return rc
 
     cdef int _put_c(self, const uint8_t **srcs, const uint64_t *lens, uint32_t n,
@@ -509,10 +602,7 @@ cdef class QueueCore:
         cdef uint32_t k
         cdef int rc
         cdef int64_t deadline = -2
-        cdef int64_t spin_end
-        cdef uint16_t seen
         cdef bint slept = False
-        cdef uint32_t me = _gettid()
         # With a timeout, waiting for the lock counts against it too.
         cdef int64_t lock_deadline = _deadline(timeout) if (block and timeout is not None) else -1
         for k in range(n):
@@ -520,38 +610,40 @@ cdef class QueueCore:
         if total > self.data_size or total > self.h.max_msg:
             raise MessageTooLarge(f"message of {total} bytes can never fit: the queue "
                                   f"holds at most {min(self.data_size, self.h.max_msg)} bytes")
-        while True:
-            with nogil:
-                rc = self._put_once(me, srcs, lens, n, total, lock_deadline)
-            if rc == 0:
-                return 0
-            if not block or rc == -110:
-                raise Full()
-            if deadline == -2:
-                # brief spin: room usually appears within microseconds
-                deadline = _deadline(timeout)
-                self._spin(&self.used.idx, vr_load_relaxed_u16(&self.used.idx), deadline)
-                continue
-            # Announce ourselves, then try once more: a consumer that freed
-            # room before seeing the announcement is caught by this retry,
-            # one after it writes call_fd (see _wake).
-            vr_fetch_add_u32(self.put_sleepers, 1)
-            try:
-                vr_fence_sc()
-                with nogil:
-                    rc = self._put_once(me, srcs, lens, n, total, lock_deadline)
+        self.mapped.enter()
+        try:
+            while True:
+                rc = self._put_once(srcs, lens, n, total, lock_deadline)
                 if rc == 0:
                     return 0
-                if rc == -110:
+                if not block or rc == -ETIMEDOUT:
                     raise Full()
-                if slept and self.check is not None and deadline < 0:
-                    self.check()      # still no room after a wake-up: is anyone left?
-                rc = self._doze(self.call_fd, deadline)
-                slept = True
-            finally:
-                vr_fetch_add_u32(self.put_sleepers, <uint32_t>-1)
-            if rc == 0:
-                raise Full()
+                if deadline == -2:
+                    # brief spin: room usually appears within microseconds
+                    deadline = _deadline(timeout)
+                    self._spin(&self.used.idx, vr_load_relaxed_u16(&self.used.idx), deadline)
+                    continue
+                # Announce ourselves, then try once more: a consumer that freed
+                # room before seeing the announcement is caught by this retry,
+                # one after it writes call_fd (see _wake).
+                vr_fetch_add_u32(self.put_sleepers, 1)
+                try:
+                    vr_fence_sc()
+                    rc = self._put_once(srcs, lens, n, total, lock_deadline)
+                    if rc == 0:
+                        return 0
+                    if rc == -ETIMEDOUT:
+                        raise Full()
+                    if slept and self.check is not None and deadline < 0:
+                        self.check()      # still no room after a wake-up: is anyone left?
+                    rc = self._doze(self.call_fd, deadline)
+                    slept = True
+                finally:
+                    vr_fetch_add_u32(self.put_sleepers, <uint32_t>-1)
+                if rc == 0:
+                    raise Full()
+        finally:
+            self.mapped.leave()
 
     def put_parts(self, parts, bint block=True, timeout=None):
         """Publish one message made of the buffers in `parts` (see _put_c)."""
@@ -581,112 +673,141 @@ cdef class QueueCore:
             PyMem_RawFree(srcs)
             PyMem_RawFree(lens)
 
-    # --- the Queue's put/get fast path: pickling called from here -------------------
-    def put(self, obj, bint block=True, timeout=None):
-        """Queue.put for the default pickle serializer (see vringipc.queue)."""
-        if self.base == NULL:
-            raise ValueError("Queue is closed")
-        if self.registered_pid != vr_getpid():
+    cdef inline int _note_caller(self) except -1:
+        # Once per (process, thread): the queue records who uses it (its
+        # PeerDead check counts them).  One compare on the hot path.
+        cdef uint64_t me = vr_lock_me()
+        if self.last_caller != me or self.registered_pid != vr_getpid():
             self.first_use()
             self.registered_pid = vr_getpid()
+            self.last_caller = me
+        return 0
+
+    # --- the Queue's put/get fast path ---------------------------------------------
+    def put(self, obj, bint block=True, timeout=None):
+        """Queue.put for the default serializer (see vringipc.queue)."""
+        self._check_open()
+        self._note_caller()
         if type(obj) is bytes:
             # bytes travel as they are (kind 2): one copy in, one copy out
-            self.put_obj(obj, None, MSG_RAW_BYTES, block, timeout)
+            self.put_msg(MSG_RAW_BYTES, obj, None, block, timeout)
             return
         bufs = []
         main = _mp_dumps(obj, bufs.append)
         if bufs:
             bufs = [b.raw() for b in bufs]
-        self.put_obj(main, bufs, MSG_PICKLE, block, timeout)
+        self.put_msg(MSG_PICKLE, main, bufs, block, timeout)
 
     def get(self, bint block=True, timeout=None):
-        """Queue.get for the default pickle serializer."""
-        if self.base == NULL:
-            raise ValueError("Queue is closed")
-        if self.registered_pid != vr_getpid():
-            self.first_use()
-            self.registered_pid = vr_getpid()
-        msg = self.get_raw(block, timeout)
-        if type(msg) is bytes:
-            return msg if self.last_kind == MSG_RAW_BYTES else _pickle_loads(msg)
-        return self.deserialize(msg)
+        """Queue.get for the default serializer."""
+        cdef uint32_t kind = 0
+        self._check_open()
+        self._note_caller()
+        msg = self._take(block, timeout, False, &kind)
+        if type(msg) is bytes:           # the fast path: kind is in `kind`, no buffers
+            if kind == MSG_RAW_BYTES:
+                return msg
+            if kind == MSG_PICKLE:
+                return _pickle_loads(msg)
+            raise _pickle.UnpicklingError(f"queue message of kind {kind}: not for the "
+                                          "default serializer")
+        k, main, bufs = _parse_message(msg)
+        if k == MSG_RAW_BYTES:
+            return bytes(main)
+        if k != MSG_PICKLE:
+            raise _pickle.UnpicklingError(f"queue message of kind {k}: not for the "
+                                          "default serializer")
+        return _pickle_loads(main, buffers=bufs)
 
-    def put_obj(self, main, list bufs, int kind=MSG_PICKLE, bint block=True, timeout=None):
-        """put_parts for a serialized object: writes the message header
-        (u32 nbufs, u32 kind, u64 len(main), u64 len(buf) each) itself.
-        kind: MSG_PICKLE, MSG_CUSTOM (the queue's own dumps) or MSG_RAW_BYTES."""
-        cdef bint custom = kind != 0
+    def put_msg(self, int kind, main, list bufs=None, bint block=True, timeout=None):
+        """Put one message as it will lie in shared memory: its kind, the
+        main bytes and out-of-band buffers (header: u32 nbufs, u32 kind,
+        u64 len(main), u64 len(buf) each; then main and each buffer at the
+        next 64-byte boundary)."""
         cdef Py_ssize_t nb = len(bufs) if bufs is not None else 0
         cdef Py_ssize_t i
         cdef uint64_t hdr[2]
         cdef const uint8_t *srcs[2]
         cdef uint64_t lens[2]
         cdef Py_buffer mb
+        self._check_open()
+        if kind < 0 or kind > MSG_RAW_BYTES:
+            raise ValueError(f"unknown message kind {kind}")
         if nb == 0:
-            # Common case, no allocation: header on the stack, pickle in place.
-            self._check_open()
+            # Common case, no allocation: header on the stack, payload in place.
             PyObject_GetBuffer(main, &mb, PyBUF_SIMPLE)
             try:
                 hdr[0] = (<uint64_t>kind) << 32              # nbufs = 0, kind
                 hdr[1] = <uint64_t>mb.len
                 srcs[0] = <const uint8_t *>hdr
-                lens[0] = 16
+                lens[0] = MSG_HDR
                 srcs[1] = <const uint8_t *>mb.buf
                 lens[1] = <uint64_t>mb.len
                 self._put_c(srcs, lens, 2, block, timeout)
             finally:
                 PyBuffer_Release(&mb)
             return
-        meta = PyBytes_FromStringAndSize(NULL, 16 + 8 * nb)
+        views = [memoryview(b) for b in bufs]
+        meta = PyBytes_FromStringAndSize(NULL, MSG_HDR + 8 * nb)
         cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(meta)
         (<uint32_t *>p)[0] = <uint32_t>nb
         (<uint32_t *>p)[1] = <uint32_t>kind
-        (<uint64_t *>(p + 8))[0] = len(main)
+        (<uint64_t *>(p + 8))[0] = memoryview(main).nbytes
         for i in range(nb):
-            (<uint64_t *>(p + 16))[i] = bufs[i].nbytes
-        if nb:
-            return self.put_parts([meta, main] + bufs, block, timeout)
-        return self.put_parts([meta, main], block, timeout)
+            (<uint64_t *>(p + MSG_HDR))[i] = views[i].nbytes
+        self.put_parts([meta, main] + views, block, timeout)
+
+    def get_msg(self, bint block=True, timeout=None, bint hold=False):
+        """Take the next message as it lies in shared memory: (kind, main,
+        buffers).  Copies once (main is bytes when there are no buffers, else
+        memoryviews of one private bytearray); with hold=True main and buffers
+        are read-only views of shared memory pinned until they are collected.
+        Raises Empty on timeout / non-blocking, InvalidDescriptor for a
+        malformed message (it is consumed), InvalidRing if the ring is
+        corrupt, UnpicklingError-class errors never (nothing is unpickled)."""
+        cdef uint32_t kind = 0
+        self._check_open()
+        msg = self._take(block, timeout, hold, &kind)
+        if type(msg) is bytes:
+            return (<int>kind, msg, [])
+        return _parse_message(msg)
 
     # --- consumer ------------------------------------------------------------------
-    cdef int _get_begin(self, uint32_t me, int64_t lock_deadline) noexcept nogil:
-        """Take the consumer lock and look at the next message (walk it into
-        self.riov).  1 = there is one (lock held), 0 = empty (lock released),
-        <0 = ring corrupt (lock released)."""
-        cdef uint16_t u, a, head
-        cdef int rc = _robust_lock(self.clock_, me, lock_deadline)
-        if rc < 0:
-            return -110                    # lock holder stuck: report as a timeout
-        if rc == 1:
-            self.stolen_locks += 1
+    cdef int _get_begin(self, uint16_t *head) noexcept nogil:
+        """Under the consumer lock: look at the next message (walk it into
+        self.riov).  1 = there is one (lock still held), 0 = empty, <0 = ring
+        corrupt (*head: the offending index).  0 and <0 release the lock."""
+        cdef uint16_t u, a
+        cdef int rc
         u = vr_load_relaxed_u16(&self.used.idx)
         # Barrier A (acquire): pairs with the producer's release of avail->idx.
         a = vr_load_acquire_u16(&self.avail.idx)
         if a == u:
             # A producer killed between its commit and its avail->idx store
-            # leaves a complete message that only PROD_STATE shows: publish it
-            # (idempotent: a live producer stores the same value).
+            # leaves a complete message that only PROD_STATE shows: publish it.
+            # CAS from the value seen: if a live producer has moved avail->idx
+            # on meanwhile, this repair must not move it back.
             if <uint16_t>(vr_load_acquire_u64(self.pstate) & 0xffff) == <uint16_t>(u + 1):
-                vr_store_release_u16(&self.avail.idx, <uint16_t>(u + 1))
-                a = <uint16_t>(u + 1)
-            else:
-                _unlock(self.clock_)
+                vr_cas_u16(&self.avail.idx, u, <uint16_t>(u + 1))
+                a = vr_load_acquire_u16(&self.avail.idx)
+            if a == u:
+                vr_lock_release(self.clock_)
                 return 0
         if <uint16_t>(a - u) > self.num:
-            _unlock(self.clock_)
+            vr_lock_release(self.clock_)
+            head[0] = a
             return vrh_fail(&self.h, EINVAL, R_AVAIL_JUMP, u, a, True)
-        head = vr_load_relaxed_u16(&self.avail.ring[u & self.mask])
-        if head >= self.num:
-            _unlock(self.clock_)
-            return vrh_fail(&self.h, EINVAL, R_HEAD_RANGE, head, self.num, True)
-        rc = vrh_walk(&self.h, head, &self.riov, NULL)
+        head[0] = vr_load_relaxed_u16(&self.avail.ring[u & self.mask])
+        if head[0] >= self.num:
+            vr_lock_release(self.clock_)
+            return vrh_fail(&self.h, EINVAL, R_HEAD_RANGE, head[0], self.num, True)
+        rc = vrh_walk(&self.h, head[0], &self.riov, NULL)
         self.h.broken = False
         if rc < 0:
             # A malformed message is consumed (reported to the caller) so
             # that it cannot wedge the queue.
-            self._get_commit(0, head)
+            self._get_commit(0, head[0])
             return rc
-        self.h.err_a = head
         return 1
 
     cdef void _get_commit(self, uint32_t holder, uint16_t head) noexcept nogil:
@@ -699,109 +820,120 @@ cdef class QueueCore:
         # The commit point (release): our reads of the message and HELD[] are
         # ordered before producers may reuse its bytes (they acquire used->idx).
         vr_store_release_u16(&self.used.idx, <uint16_t>(u + 1))
-        _unlock(self.clock_)
+        vr_lock_release(self.clock_)
         self._wake(self.put_sleepers, self.call_fd)
+        # Several consumers sleep on one eventfd and the first one up drains
+        # it: pass the wake-up on while messages are left.
+        if vr_load_relaxed_u32(self.get_sleepers) != 0 and \
+                vr_load_relaxed_u16(&self.avail.idx) != <uint16_t>(u + 1):
+            _signal_fd(self.kick_fd)
 
-    def get_raw(self, bint block=True, timeout=None, bint hold=False):
-        """Take the next message.  Returns a bytearray copy, or with hold=True a
-        HeldMessage pinning its bytes in shared memory (zero copy).  Raises Empty
-        on timeout / non-blocking, InvalidDescriptor for a malformed message
-        (it is consumed), InvalidRing if the ring itself is corrupt."""
-        self._check_open()
-        cdef uint32_t me = _gettid()
+    cdef object _take(self, bint block, object timeout, bint hold, uint32_t *kind):
+        """Take the next message.  Returns bytes (the main payload of a
+        message without buffers; its kind in *kind), or the whole message as
+        a bytearray copy, or with hold=True as a HeldMessage pinning its bytes
+        in shared memory.  Everything allocated before the lock is taken or
+        with plain allocators (bytes/bytearray run no Python code and no GC)."""
         cdef int rc
         cdef int64_t deadline = -2
-        cdef int64_t spin_end
-        cdef uint64_t n
-        cdef uint16_t head
-        cdef uint32_t slot
+        cdef uint64_t n, mlen
+        cdef uint16_t head = 0
         cdef bytearray out
         cdef uint8_t *dst
         cdef const uint8_t *src
-        cdef uint64_t mlen
-        cdef HeldMessage hm
+        cdef HeldMessage hm = None
         cdef bint slept = False
         cdef int64_t lock_deadline = _deadline(timeout) if (block and timeout is not None) else -1
-        while True:
-            with nogil:
-                rc = self._get_begin(me, lock_deadline)
-            if rc == -110:
-                raise Empty()
-            if rc == 1:
-                # We hold the consumer lock and the message is not committed:
-                # if we die now it stays for another consumer.
-                head = <uint16_t>self.h.err_a
-                n = self.riov.total
-                if hold:
-                    slot = vr_load_relaxed_u16(&self.used.idx) & self.mask
-                    hm = HeldMessage.__new__(HeldMessage)
-                    hm.q = self
-                    hm.slot = slot
-                    # Pinned by the PROCESS (a view may outlive the thread
-                    # that took it); reclaimed when that process is gone.
-                    hm.holder = vr_getpid()
-                    hm.ptr = self.base + self.riov.seg[0].off if self.riov.used == 1 else self.base
-                    hm.length = self.riov.seg[0].len if self.riov.used == 1 else 0
-                    self.mapped.pins += 1
-                    with nogil:
-                        self._get_commit(hm.holder, head)
-                    return hm
-                # Fast path: a plain pickle with no out-of-band buffers comes
-                # back as the pickle bytes alone (one copy, no header parsing).
-                if self.riov.used == 1 and n >= 64 + 16:
-                    src = self.base + self.riov.seg[0].off
-                    mlen = (<uint64_t *>(src + 8))[0]
-                    if ((<uint32_t *>src)[0] == 0 and mlen <= n - 64 and
-                            ((<uint32_t *>src)[1] == MSG_PICKLE or (<uint32_t *>src)[1] == MSG_RAW_BYTES)):
-                        self.last_kind = (<uint32_t *>src)[1]
-                        try:
-                            fast = PyBytes_FromStringAndSize(<char *>(src + 64), <Py_ssize_t>mlen)
-                        finally:
-                            with nogil:
-                                self._get_commit(0, head)
-                        return fast
-                try:
-                    out = bytearray(n)
-                except BaseException:
-                    with nogil:
-                        _unlock(self.clock_)
-                    raise
-                dst = <uint8_t *>(<char *>out)
+        if hold:
+            hm = HeldMessage.__new__(HeldMessage)     # GC-tracked: allocate outside the lock
+        self.mapped.enter()
+        try:
+            while True:
+                if self._lock(self.clock_, lock_deadline) < 0:
+                    raise Empty()
                 with nogil:
-                    vrh_iov_pull(&self.riov, self.base, dst, n)
-                    self._get_commit(0, head)
-                return out
-            if rc < 0:
-                raise _host_error(&self.h, rc, <uint16_t>self.h.err_b)
-            if not block:
-                raise Empty()
-            if deadline == -2:
-                deadline = _deadline(timeout)
-                self._spin(&self.avail.idx, vr_load_relaxed_u16(&self.used.idx), deadline)
-                continue
-            vr_fetch_add_u32(self.get_sleepers, 1)
-            try:
-                vr_fence_sc()
-                # re-check after announcing (pairs with _wake in the producer)
-                if vr_load_acquire_u16(&self.avail.idx) != vr_load_relaxed_u16(&self.used.idx):
+                    rc = self._get_begin(&head)
+                if rc == 1:
+                    # We hold the consumer lock and the message is not
+                    # committed: if we die now it stays for another consumer.
+                    n = self.riov.total
+                    if hold:
+                        hm.q = self
+                        hm.slot = vr_load_relaxed_u16(&self.used.idx) & self.mask
+                        # Pinned by the PROCESS (a view may outlive the thread
+                        # that took it); reclaimed when that process is gone.
+                        hm.holder = vr_getpid()
+                        hm.ptr = self.base + self.riov.seg[0].off if self.riov.used == 1 else self.base
+                        hm.length = self.riov.seg[0].len if self.riov.used == 1 else 0
+                        self.mapped.pins += 1
+                        with nogil:
+                            self._get_commit(hm.holder, head)
+                        return hm
+                    # Fast path: a message with no out-of-band buffers comes
+                    # back as its main bytes alone (one copy, no parsing).
+                    if self.riov.used == 1 and n >= 64 + MSG_HDR:
+                        src = self.base + self.riov.seg[0].off
+                        mlen = (<uint64_t *>(src + 8))[0]
+                        if (<uint32_t *>src)[0] == 0 and mlen <= n - 64:
+                            kind[0] = (<uint32_t *>src)[1]
+                            try:
+                                fast = PyBytes_FromStringAndSize(<char *>(src + 64), <Py_ssize_t>mlen)
+                            finally:
+                                with nogil:
+                                    self._get_commit(0, head)
+                            return fast
+                    try:
+                        out = bytearray(n)
+                    except BaseException:
+                        vr_lock_release(self.clock_)
+                        raise
+                    dst = <uint8_t *>(<char *>out)
+                    with nogil:
+                        vrh_iov_pull(&self.riov, self.base, dst, n)
+                        self._get_commit(0, head)
+                    return out
+                if rc < 0:
+                    raise _host_error(&self.h, rc, head)
+                if not block:
+                    raise Empty()
+                if deadline == -2:
+                    deadline = _deadline(timeout)
+                    self._spin(&self.avail.idx, vr_load_relaxed_u16(&self.used.idx), deadline)
                     continue
-                if slept and self.check is not None and deadline < 0:
-                    # Blocked for good and still nothing: is anyone left?  (With
-                    # a timeout the caller gets Empty at the deadline, as with
-                    # multiprocessing, so drain loops keep working.)
-                    self.check()
-                rc = self._doze(self.kick_fd, deadline)
-                slept = True
-            finally:
-                vr_fetch_add_u32(self.get_sleepers, <uint32_t>-1)
-            if rc == 0:
-                raise Empty()
+                vr_fetch_add_u32(self.get_sleepers, 1)
+                try:
+                    vr_fence_sc()
+                    # re-check after announcing (pairs with _wake in the producer)
+                    if vr_load_acquire_u16(&self.avail.idx) != vr_load_relaxed_u16(&self.used.idx):
+                        continue
+                    if slept and self.check is not None and deadline < 0:
+                        # Blocked for good and still nothing: is anyone left?  (With
+                        # a timeout the caller gets Empty at the deadline, as with
+                        # multiprocessing, so drain loops keep working.)
+                        self.check()
+                    rc = self._doze(self.kick_fd, deadline)
+                    slept = True
+                finally:
+                    vr_fetch_add_u32(self.get_sleepers, <uint32_t>-1)
+                if rc == 0:
+                    raise Empty()
+        finally:
+            self.mapped.leave()
+
+    def get_raw(self, bint block=True, timeout=None, bint hold=False):
+        """The whole message: bytearray (or HeldMessage with hold=True), or
+        bytes of the main payload for a message without buffers.  Prefer
+        get_msg(), which also says the kind."""
+        cdef uint32_t kind = 0
+        self._check_open()
+        return self._take(block, timeout, hold, &kind)
 
     cdef _unhold(self, uint32_t slot, uint32_t holder):
-        if self.base != NULL:
+        if not self.mapped.closing or self.mapped.has_view:
             if vr_load_relaxed_u32(&self.held[slot]) == holder:
                 vr_store_release_u32(&self.held[slot], 0)
-            self._wake(self.put_sleepers, self.call_fd)
+            if not self.mapped.closing:
+                self._wake(self.put_sleepers, self.call_fd)
         self.mapped.unpin()
 
     # --- event-loop integration ---------------------------------------------------------
@@ -830,7 +962,7 @@ cdef class QueueCore:
         return True
 
     def sleep_end(self, int which):
-        if self.base == NULL:
+        if not self.mapped.has_view:
             return
         vr_fetch_add_u32(self._sleepers_word(which), <uint32_t>-1)
 
@@ -858,27 +990,36 @@ cdef class QueueCore:
         return vr_load_acquire_u64(self.unfinished)
 
     def join(self, timeout=None):
-        """Block until unfinished tasks reach zero.  False on timeout."""
+        """Block until unfinished tasks reach zero.  False on timeout.  Without
+        a timeout, check() runs every slice and may raise (PeerDead when no
+        one is left who could call task_done)."""
         self._check_open()
         cdef int64_t deadline = _deadline(timeout)
         cdef int rc
         cdef int64_t rem
-        while True:
-            if vr_load_acquire_u64(self.unfinished) == 0:
-                return True
-            vr_fetch_add_u32(self.join_sleepers, 1)
-            try:
-                vr_fence_sc()
+        self.mapped.enter()
+        try:
+            while True:
                 if vr_load_acquire_u64(self.unfinished) == 0:
                     return True
-                rem = _remaining(deadline)
-                if rem == 0:
-                    return False
-                if rem < 0 or rem > 100_000_000:
-                    rem = 100_000_000
-                with nogil:
-                    rc = _wait_fds(self.join_fd, -1, rem)
-                if rc == -EINTR:
-                    PyErr_CheckSignals()
-            finally:
-                vr_fetch_add_u32(self.join_sleepers, <uint32_t>-1)
+                vr_fetch_add_u32(self.join_sleepers, 1)
+                try:
+                    vr_fence_sc()
+                    if vr_load_acquire_u64(self.unfinished) == 0:
+                        return True
+                    rem = _remaining(deadline)
+                    if rem == 0:
+                        return False
+                    if rem < 0 or rem > SLEEP_SLICE_NS:
+                        rem = SLEEP_SLICE_NS
+                    with nogil:
+                        rc = _wait_fds(self.join_fd, -1, rem)
+                    if rc == -EINTR:
+                        PyErr_CheckSignals()
+                    self.mapped.check()
+                    if rc == 0 and deadline < 0 and self.check is not None:
+                        self.check()
+                finally:
+                    vr_fetch_add_u32(self.join_sleepers, <uint32_t>-1)
+        finally:
+            self.mapped.leave()

@@ -152,6 +152,12 @@ cdef int _wait_fds(int fd, int peer_fd, int64_t timeout_ns) noexcept nogil:
     return 2
 
 
+# How long one sleep lasts at most.  Between slices a sleeper re-arms its
+# notification word (a peer that overwrote it -- buggy, or hostile -- cannot
+# make us sleep forever once it behaves again), re-checks the ring, signals
+# and its liveness check.  10 wake-ups a second cost nothing measurable.
+DEF SLEEP_SLICE_NS = 100_000_000
+
 # The wait loop shared by both sides: spin on `pending`, then arm
 # notifications, re-check (the arm functions end with the SC fence of barrier
 # C or D, so a publish racing with us is either seen here or kicks us), sleep
@@ -178,11 +184,12 @@ cdef void _drv_disarm(void *r) noexcept nogil:
 
 cdef int _wait_ring(void *ring, pending_fn pending, arm_fn arm, disarm_fn disarm, int fd,
                     int peer_fd, int64_t deadline, int64_t spin_ns, object check,
-                    double check_interval) except -1:
+                    double check_interval, _Mapped m) except -1:
     """1 = ready, 0 = timeout (deadline in ns of vr_now_ns, <0 = none),
     2 = peer_fd readable (the peer exited).  Honours signals; `check()` (may
     raise) runs every check_interval seconds of sleep and after a wake-up that
-    brought nothing."""
+    brought nothing.  ValueError if `m` is closed while we wait.  The caller
+    has entered `m` (so the fds and the mapping outlive this call)."""
     cdef int64_t spin_end, slice_ns, rem
     cdef int rc
     cdef bint got = False
@@ -207,10 +214,13 @@ cdef int _wait_ring(void *ring, pending_fn pending, arm_fn arm, disarm_fn disarm
         if got:
             return 1
         spin_ns -= slice_ns
+        m.check()
         if deadline >= 0 and _remaining(deadline) == 0:
             return 0
         PyErr_CheckSignals()
     while True:
+        m.check()
+        # arm() (re)writes our suppression word every slice: see SLEEP_SLICE_NS
         if not arm(ring):
             disarm(ring)
             return 1
@@ -220,6 +230,8 @@ cdef int _wait_ring(void *ring, pending_fn pending, arm_fn arm, disarm_fn disarm
             return 1 if pending(ring) else 0
         if chunk > 0 and (rem < 0 or rem > chunk):
             rem = chunk
+        if rem < 0 or rem > SLEEP_SLICE_NS:
+            rem = SLEEP_SLICE_NS
         if fd < 0:
             # no eventfd (polling mode): yield the CPU and look again
             with nogil:
@@ -234,13 +246,15 @@ cdef int _wait_ring(void *ring, pending_fn pending, arm_fn arm, disarm_fn disarm
             continue
         if rc < 0:
             raise OSError(-rc, "poll on eventfd failed")
+        m.check()
         if pending(ring):
             return 1
         if rc == 2:
             return 2
         if check is not None and (fd >= 0 or <int64_t>vr_now_ns() >= next_check):
-            next_check = <int64_t>vr_now_ns() + chunk
-            check()
+            if rc != 0 or <int64_t>vr_now_ns() >= next_check:
+                next_check = <int64_t>vr_now_ns() + chunk
+                check()
 
 
 cdef int _signal_fd(int fd) noexcept nogil:
@@ -271,35 +285,86 @@ cdef int64_t _remaining(int64_t deadline) noexcept nogil:
 
 @cython.no_gc_clear      # tp_clear must never drop view.obj without PyBuffer_Release
 cdef class _Mapped:
-    """Holds a writable buffer export of the segment for as long as a ring side
-    uses it: the mapping cannot be closed or resized underneath.  `pins` counts
-    objects that hand out raw pointers into it (message views, loans): a
-    release() while pinned is deferred until the last unpin()."""
+    """The lifetime of one ring side's view of the segment: THE close protocol.
+
+    Every object that touches the mapping (queue core, channel ends, ring
+    sides) holds one.  Two counts keep the mapping alive:
+
+    * ``calls``: calls in flight.  A blocking call enters before it first
+      touches the segment and leaves when it returns; while it sleeps without
+      the GIL the mapping, the eventfds it polls and this object stay valid.
+    * ``pins``: objects that hand out raw pointers into the segment (message
+      views, loans, held queue messages).
+
+    close() marks the side closed (new calls raise ValueError), wakes the
+    sleepers by writing the side's own eventfds (`wake_fds`; a sleeper that
+    misses the write because another drained it first still sees the flag
+    within one sleep slice, SLEEP_SLICE_NS: every sleep is sliced), and runs
+    the finalizers -- which let the owner close its eventfds and unmap --
+    only when the last call has left and the last pin is gone.  No extra
+    descriptor per object.  Everything runs with the GIL held, so the counts need no
+    atomics."""
     cdef Py_buffer view
     cdef bint has_view
     cdef uint8_t *base
     cdef Py_ssize_t size
     cdef object mv
     cdef public int pins
-    cdef bint release_pending
+    cdef public int calls
+    cdef public bint closing
+    cdef list finalizers
+    cdef str what
 
-    def __cinit__(self, buffer):
+    def __cinit__(self, buffer, str what="ring"):
         PyObject_GetBuffer(buffer, &self.view, PyBUF_WRITABLE)
         self.has_view = True
         self.base = <uint8_t *>self.view.buf
         self.size = self.view.len
         self.mv = memoryview(buffer).cast("B")
+        self.finalizers = []
+        self.what = what
 
     def __dealloc__(self):
         if self.has_view:
             PyBuffer_Release(&self.view)
             self.has_view = False
 
+    cdef int enter(self) except -1:
+        """Start a call: ValueError if closed."""
+        if self.closing:
+            raise ValueError(f"{self.what} is closed")
+        self.calls += 1
+        return 0
+
+    cdef void leave(self) noexcept:
+        self.calls -= 1
+        if self.closing and self.calls == 0 and self.pins == 0:
+            self._finish()
+
+    cdef int check(self) except -1:
+        """Called by a sleeper after each wake-up: ValueError once closed."""
+        if self.closing:
+            raise ValueError(f"{self.what} was closed while waiting")
+        return 0
+
+    def close(self, finalizer=None, wake_fds=()):
+        """Mark closed, wake the sleepers (write each of `wake_fds`, the
+        eventfds they sleep on); `finalizer` (if any) runs once nothing uses
+        the mapping any more (maybe right now)."""
+        if finalizer is not None:
+            self.finalizers.append(finalizer)
+        if not self.closing:
+            self.closing = True
+            if self.calls:
+                for fd in wake_fds:
+                    _signal_fd(fd)
+        if self.calls == 0 and self.pins == 0:
+            self._finish()
+
     cdef release(self):
-        if self.pins > 0:
-            self.release_pending = True
-            return
-        self.release_pending = False
+        self.close()
+
+    cdef void _finish(self) noexcept:
         if self.mv is not None:
             try:
                 self.mv.release()
@@ -309,11 +374,17 @@ cdef class _Mapped:
         if self.has_view:
             PyBuffer_Release(&self.view)
             self.has_view = False
+        fins, self.finalizers = self.finalizers, []
+        for f in fins:
+            try:
+                f()
+            except BaseException:
+                pass            # a finalizer closing fds must not stop the others
 
     cdef unpin(self):
         self.pins -= 1
-        if self.pins == 0 and self.release_pending:
-            self.release()
+        if self.pins == 0 and self.closing and self.calls == 0:
+            self._finish()
 
 
 cdef int _vrh_setup(vrh_t *h, _Mapped m, uint32_t num, uint64_t desc_off, uint64_t avail_off,
@@ -425,7 +496,7 @@ cdef class Iov:
             self.iov.seg = NULL
 
     cdef _check(self):
-        if self.mapped is None or self.mapped.base == NULL or not self.mapped.has_view:
+        if self.mapped is None or self.mapped.closing or not self.mapped.has_view:
             raise ValueError("iov is not bound to an open ring")
 
     @property
@@ -472,8 +543,13 @@ cdef class Iov:
         cdef uint64_t want = self.remaining if n < 0 else min(<uint64_t>n, self.remaining)
         out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>want)
         cdef uint8_t *dst = <uint8_t *>PyBytes_AS_STRING(out)
-        with nogil:
-            vrh_iov_pull(&self.iov, self.mapped.base, dst, want)
+        cdef _Mapped m = self.mapped
+        m.enter()
+        try:
+            with nogil:
+                vrh_iov_pull(&self.iov, m.base, dst, want)
+        finally:
+            m.leave()
         return out
 
     def pull_into(self, buffer):
@@ -483,11 +559,14 @@ cdef class Iov:
             raise ValueError("pull from a writable iov")
         cdef Py_buffer b
         cdef uint64_t done
+        cdef _Mapped m = self.mapped
         PyObject_GetBuffer(buffer, &b, PyBUF_WRITABLE)
+        m.enter()
         try:
             with nogil:
-                done = vrh_iov_pull(&self.iov, self.mapped.base, <uint8_t *>b.buf, <uint64_t>b.len)
+                done = vrh_iov_pull(&self.iov, m.base, <uint8_t *>b.buf, <uint64_t>b.len)
         finally:
+            m.leave()
             PyBuffer_Release(&b)
         return done
 
@@ -499,11 +578,14 @@ cdef class Iov:
             raise ValueError("push into a readable iov")
         cdef Py_buffer b
         cdef uint64_t done
+        cdef _Mapped m = self.mapped
         PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
+        m.enter()
         try:
             with nogil:
-                done = vrh_iov_push(&self.iov, self.mapped.base, <const uint8_t *>b.buf, <uint64_t>b.len)
+                done = vrh_iov_push(&self.iov, m.base, <const uint8_t *>b.buf, <uint64_t>b.len)
         finally:
+            m.leave()
             PyBuffer_Release(&b)
         return done
 
@@ -574,12 +656,13 @@ cdef class VringHost:
     reset = set_base
 
     def close(self):
-        """Drop the reference to the shared buffer (idempotent)."""
-        self.h.base = NULL
-        self.mapped.release()
+        """Close this side (idempotent): later calls raise ValueError, a call
+        blocked in another thread wakes up and raises ValueError; the mapping
+        is let go when the last call in flight has returned."""
+        self.mapped.close(wake_fds=(self.kick_fd,))
 
     cdef inline _check_open(self):
-        if self.h.base == NULL:
+        if self.mapped.closing:
             raise ValueError("ring host is closed")
 
     # --- state ---------------------------------------------------------------
@@ -715,8 +798,13 @@ cdef class VringHost:
         and may raise (e.g. when the peer died).  Signals are honoured."""
         self._check_open()
         cdef int64_t spin_ns = self.spin_ns if spin is None else <int64_t>(float(spin) * 1e9)
-        return _wait_ring(&self.h, _host_pending, _host_arm, _host_disarm, self.kick_fd, -1,
-                          _deadline(timeout), spin_ns, check, check_interval) == 1
+        cdef int64_t deadline = _deadline(timeout)
+        self.mapped.enter()
+        try:
+            return _wait_ring(&self.h, _host_pending, _host_arm, _host_disarm, self.kick_fd, -1,
+                              deadline, spin_ns, check, check_interval, self.mapped) == 1
+        finally:
+            self.mapped.leave()
 
     # --- batch API (no GIL) ---------------------------------------------------
     def pull_many(self, dst, lengths, uint32_t max_count=0xffffffff, bint notify=True):
@@ -734,11 +822,17 @@ cdef class VringHost:
         cdef uint16_t head
         cdef int rc = 0, rc2 = 0
         cdef vr_iov *riov = &self._riov.iov
-        PyObject_GetBuffer(dst, &db, PyBUF_WRITABLE)
+        self.mapped.enter()
+        try:
+            PyObject_GetBuffer(dst, &db, PyBUF_WRITABLE)
+        except BaseException:
+            self.mapped.leave()
+            raise
         try:
             PyObject_GetBuffer(lengths, &lb, PyBUF_WRITABLE)
         except BaseException:
             PyBuffer_Release(&db)
+            self.mapped.leave()
             raise
         try:
             if lb.itemsize != 4 and lb.itemsize != 1:
@@ -780,6 +874,7 @@ cdef class VringHost:
         finally:
             PyBuffer_Release(&db)
             PyBuffer_Release(&lb)
+            self.mapped.leave()
         if rc < 0:
             raise _host_error(&self.h, rc, head)
         return n
@@ -864,11 +959,11 @@ cdef class VringDriver:
     reset = set_base
 
     def close(self):
-        self.d.base = NULL
-        self.mapped.release()
+        """Close this side (idempotent; same protocol as VringHost.close)."""
+        self.mapped.close(wake_fds=(self.call_fd,))
 
     cdef inline _check_open(self):
-        if self.d.base == NULL:
+        if self.mapped.closing:
             raise ValueError("ring driver is closed")
 
     @property
@@ -1090,9 +1185,14 @@ cdef class VringDriver:
         are used (enable_cb_delayed)."""
         self._check_open()
         cdef int64_t spin_ns = self.spin_ns if spin is None else <int64_t>(float(spin) * 1e9)
-        return _wait_ring(&self.d, _drv_pending, _drv_arm_delayed if delayed else _drv_arm,
-                          _drv_disarm, self.call_fd, -1, _deadline(timeout), spin_ns, check,
-                          check_interval) == 1
+        cdef int64_t deadline = _deadline(timeout)
+        self.mapped.enter()
+        try:
+            return _wait_ring(&self.d, _drv_pending, _drv_arm_delayed if delayed else _drv_arm,
+                              _drv_disarm, self.call_fd, -1, deadline, spin_ns, check,
+                              check_interval, self.mapped) == 1
+        finally:
+            self.mapped.leave()
 
     # --- batch API (no GIL) ---------------------------------------------------
     def add_many_slots(self, src, lengths, uint32_t count, bint kick=True):
@@ -1105,11 +1205,17 @@ cdef class VringDriver:
         cdef uint32_t n = 0, cap, ln
         cdef uint64_t pos = 0
         cdef int rc
-        PyObject_GetBuffer(src, &sb, PyBUF_SIMPLE)
+        self.mapped.enter()
+        try:
+            PyObject_GetBuffer(src, &sb, PyBUF_SIMPLE)
+        except BaseException:
+            self.mapped.leave()
+            raise
         try:
             PyObject_GetBuffer(lengths, &lb, PyBUF_SIMPLE)
         except BaseException:
             PyBuffer_Release(&sb)
+            self.mapped.leave()
             raise
         try:
             if not self.d.slot_size:
@@ -1142,6 +1248,7 @@ cdef class VringDriver:
         finally:
             PyBuffer_Release(&sb)
             PyBuffer_Release(&lb)
+            self.mapped.leave()
         if n < count and self.d.broken:
             self._raise_used()
         return n
@@ -1156,13 +1263,17 @@ cdef class VringDriver:
         cdef uint64_t tok
         cdef int rc = 0
         cdef uint32_t k
-        with nogil:
-            while n < max_count and n < self.d.num:
-                rc = vrd_get_buf(&self.d, &head, &ln, &tok)
-                if rc <= 0:
-                    break
-                self._heads[n] = head
-                n += 1
+        self.mapped.enter()
+        try:
+            with nogil:
+                while n < max_count and n < self.d.num:
+                    rc = vrd_get_buf(&self.d, &head, &ln, &tok)
+                    if rc <= 0:
+                        break
+                    self._heads[n] = head
+                    n += 1
+        finally:
+            self.mapped.leave()
         for k in range(n):
             self._tokens[self._heads[k]] = None
         if rc < 0:

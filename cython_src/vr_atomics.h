@@ -69,6 +69,11 @@ static inline void vr_fence_sc(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); 
 
 /* Compare-and-swap for the few multi-writer words outside the rings
  * (cross-process locks and liveness in the segment header). */
+static inline int vr_cas_u16(volatile uint16_t *p, uint16_t expected, uint16_t desired)
+{
+    return __atomic_compare_exchange_n(p, &expected, desired, 0,
+                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
 static inline int vr_cas_u32(volatile uint32_t *p, uint32_t expected, uint32_t desired)
 {
     return __atomic_compare_exchange_n(p, &expected, desired, 0,

@@ -55,6 +55,7 @@ cdef extern from "vr_atomics.h" nogil:
     void vr_store_relaxed_u32(uint32_t *p, uint32_t v)
     void vr_store_relaxed_u64(uint64_t *p, uint64_t v)
     void vr_fence_sc()
+    int vr_cas_u16(uint16_t *p, uint16_t expected, uint16_t desired)
     int vr_cas_u32(uint32_t *p, uint32_t expected, uint32_t desired)
     int vr_cas_u64(uint64_t *p, uint64_t expected, uint64_t desired)
     uint32_t vr_fetch_add_u32(uint32_t *p, uint32_t v)

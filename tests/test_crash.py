@@ -40,7 +40,7 @@ import pytest
 from vringipc import Channel, Empty, Full, PeerDead, Queue
 from vringipc import layout as L
 from vringipc import peers
-from vringipc._ring import QUEUE_OFFSETS
+from vringipc._ring import LOCK_TID_MASK, QUEUE_OFFSETS
 
 from forking import Forked
 
@@ -677,7 +677,7 @@ class QState:
         self.w.store32(self.r.avail_off, (idx & 0xFFFF) << 16 | flags)
 
     def lock(self, which: str) -> int:
-        return self.w.load32(QUEUE_OFFSETS[which])
+        return self.w.load32(QUEUE_OFFSETS[which]) & LOCK_TID_MASK   # owner tid
 
     def write_uncommitted(self, garbage: bytes) -> None:
         """What a producer killed inside the lock, after writing the message,

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from vringipc import JoinableQueue, MessageTooLarge, PeerDead, Queue
-from vringipc._ring import QUEUE_OFFSETS
+from vringipc._ring import LOCK_TID_MASK, QUEUE_OFFSETS
 
 from forking import Forked, reaped, wait_for
 
@@ -37,7 +37,8 @@ def shared_i64(n: int) -> np.ndarray:
 
 
 def word(q, name: str) -> int:
-    return q._ring.words.load32(QUEUE_OFFSETS[name])
+    v = q._ring.words.load32(QUEUE_OFFSETS[name])
+    return v & LOCK_TID_MASK if name.endswith("_lock") else v     # owner tid, no WAITERS bit
 
 
 def kill_preferably_inside(k: "Forked", q, lock: str, rnd: random.Random,

@@ -690,7 +690,7 @@ def test_queue_get_runs_code_written_by_a_hostile_peer(tmp_path):
     marker = tmp_path / "pwned"
     q = Queue(capacity=1 << 16)
     try:
-        q._core.put_obj(pickle.dumps(_Evil(str(marker)), 5), None, False)
+        q._core.put_msg(0, pickle.dumps(_Evil(str(marker)), 5))
         q.get(timeout=WAIT)
         assert marker.exists()
     finally:
@@ -724,7 +724,7 @@ def test_queue_custom_loads_is_never_bypassed(tmp_path):
     try:
         q.put({"k": [1, 2]})
         assert q.get(timeout=WAIT) == {"k": [1, 2]}
-        q._core.put_obj(pickle.dumps(_Evil(str(marker)), 5), None, False)  # hostile peer
+        q._core.put_msg(0, pickle.dumps(_Evil(str(marker)), 5))  # hostile peer
         with contextlib.suppress(Exception):
             q.get(timeout=WAIT)
         assert not marker.exists(), "a custom-loads queue unpickled a message"

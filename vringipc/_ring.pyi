@@ -9,6 +9,8 @@ FEATURE_VERSION_1: int
 MAX_NUM: int
 DEFAULT_MAX_IOV: int
 DEFAULT_SPIN_NS: int
+LOCK_TID_MASK: int
+KINDS: dict[str, int]
 QUEUE_OFFSETS: dict[str, int]
 
 def check_ring_geometry(size: int, num: int, desc_off: int, avail_off: int, used_off: int,
@@ -208,8 +210,6 @@ class QueueCore:
     check: Callable[[], object] | None
     stolen_locks: int
     first_use: Callable[[], object] | None
-    deserialize: Callable[[Any], object] | None
-    last_kind: int
     def __init__(self, buffer: Buffer, num: int, desc_off: int, avail_off: int, used_off: int,
                  win_off: int, win_size: int, *, max_msg: int = ..., max_iov: int = 1024,
                  init: bool = False, maxsize: int = 0, kick_fd: int = -1, call_fd: int = -1,
@@ -217,13 +217,18 @@ class QueueCore:
     max_message: int
     num: int
     maxsize: int
-    def close(self) -> None: ...
+    closed: bool
+    position_modulus: int
+    def close(self, finalizer: Callable[[], object] | None = None) -> None: ...
     def qsize(self) -> int: ...
     def held_messages(self) -> int: ...
+    def _set_head_position(self, pos: int) -> None: ...
     def put(self, obj: object, block: bool = True, timeout: float | None = None) -> None: ...
     def get(self, block: bool = True, timeout: float | None = None) -> Any: ...
-    def put_obj(self, main: Buffer, bufs: list[Any] | None, kind: int = 0, block: bool = True,
+    def put_msg(self, kind: int, main: Buffer, bufs: list[Any] | None = None, block: bool = True,
                 timeout: float | None = None) -> None: ...
+    def get_msg(self, block: bool = True, timeout: float | None = None,
+                hold: bool = False) -> tuple[int, Any, list[Any]]: ...
     def put_parts(self, parts: Sequence[Buffer], block: bool = True,
                   timeout: float | None = None) -> None: ...
     def get_raw(self, block: bool = True, timeout: float | None = None,

@@ -36,11 +36,15 @@ Header page (4096 bytes)::
 Queue control block (app_kind 2; words accessed atomically, each side's on
 its own 64-byte line)::
 
-    0x400  4  magic "VRQ1"         0x408  8  maxsize (items, 0 = none)
-    0x440  4  producer lock (owner thread id, 0 = free)
+    0x400  4  magic "VRQ2"         0x408  8  maxsize (items, 0 = none)
+    0x410  8  creator's PID namespace inode (lock owners are thread ids)
+    0x440  8  producer lock (cython_src/vr_lock.h: owner tid | WAITERS bit 31 |
+              owner start time << 32; 0 = free)
     0x448  8  producer state: avail idx (bits 0-15) | arena head position << 16
+              (positions count modulo the largest multiple of the arena size
+              below 2**48, so offsets never jump when they wrap)
     0x450  4  reclaim idx: oldest message that may still occupy arena bytes
-    0x480  4  consumer lock (owner thread id)
+    0x480  8  consumer lock (as the producer lock)
     0x4C0  4  producers asleep     0x500  4  consumers asleep
     0x540  8  unfinished tasks     0x548  4  processes asleep in join()
     0x600  16*160  process table: u32 pid, u32 reserved, u64 start time

@@ -17,8 +17,23 @@ number of producer and consumer processes.  Differences, all deliberate:
 * ``qsize()`` works everywhere (it reads the ring indices) and is approximate,
   like the stdlib's.
 * A call blocked without a timeout raises PeerDead once every other process
-  that used the queue has died, instead of hanging (with a timeout it ends
-  with Empty/Full at the deadline, as the stdlib's does).
+  that used the queue has died and no other thread of this process has used
+  it, instead of hanging (with a timeout it ends with Empty/Full at the
+  deadline, as the stdlib's does).  ``JoinableQueue.join(timeout=None)``
+  takes a timeout and raises PeerDead the same way.
+* ``close()`` wakes every call blocked in another thread of this process
+  (it raises ValueError, like any call on a closed queue); the eventfds are
+  closed when the last of them has returned.  ``qsize()`` and ``full()`` keep
+  answering after close, as the stdlib's do.
+
+Lifecycle and threads: several threads of one process may use one queue;
+per-call state lives in C locals and return values, never on shared
+objects.  Zero-copy results (``get_nocopy``) pin their bytes for the process
+that took them: a forked child that inherits and drops one releases nothing.
+
+Raw messages: ``get_message()``/``put_message()`` move a message as it lies
+in shared memory -- its kind, main bytes and out-of-band buffers -- without
+serializing, for bridges and relays that must never unpickle.
 
 MPMC on a split ring: a split ring has one driver and one device.  Here each
 side (all producers, all consumers) shares its ring state in the segment and
@@ -42,14 +57,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import struct
+import threading
 
 from multiprocessing import context as _mp_context
 from multiprocessing import reduction as _mp_reduction
 
 from vringipc import layout as L
 from vringipc import peers
-from vringipc._ring import QueueCore, _mp_dumps
+from vringipc._ring import KINDS, QueueCore, _mp_dumps
 from vringipc.errors import Empty, Full, PeerDead  # noqa: F401  (re-exported names)
 from vringipc.ring import SharedRing, make_eventfd
 
@@ -58,7 +73,6 @@ __all__ = ["Queue", "SimpleQueue", "JoinableQueue", "Full", "Empty"]
 DEFAULT_CAPACITY = 64 << 20
 DEFAULT_NUM = 4096
 
-_META = struct.Struct("<IIQ")          # nbufs, reserved, main pickle length
 _ALIGN = 64
 
 # Process table in the header's application area: who has used the queue.
@@ -67,9 +81,8 @@ PEER_ENTRY = 16                        # u32 pid, u32 flags, u64 start time
 MAX_PEERS = (L.HDR_SIZE - PEERS_OFF) // PEER_ENTRY
 
 
-_MSG_PICKLE, _MSG_CUSTOM, _MSG_RAW_BYTES = 0, 1, 2     # message kinds (header word 1)
-_dumps = pickle.dumps
-_loads = pickle.loads
+# message kinds (header word 1), as get_message()/put_message() see them
+MSG_PICKLE, MSG_CUSTOM, MSG_RAW_BYTES = KINDS["pickle"], KINDS["custom"], KINDS["raw_bytes"]
 _pid = [os.getpid()]          # this process's pid without a syscall per call
 
 
@@ -140,8 +153,8 @@ class Queue:
                                spin_ns=int(spin * 1e9))
         self._core.check = self._check_peers
         self._core.first_use = self._register
-        self._core.deserialize = self._deserialize
         self._registered_pid = 0
+        self._threads: set = set()         # idents of this process's threads that used it
         self._closed = False
         if init:
             self._register()               # the creator counts as a user (it may put)
@@ -155,8 +168,12 @@ class Queue:
 
     # --- peers ---------------------------------------------------------------------
     def _register(self) -> None:
-        """Record this process in the queue's process table (once per process)."""
+        """Record this process in the queue's process table (once per process)
+        and the calling thread among this process's users."""
         me, start = peers.Identity.me()
+        if self._registered_pid != me:
+            self._threads = set()          # a forked child has only its own threads
+        self._threads.add(threading.get_ident())
         if self._registered_pid == me:
             return
         words = self._ring.words
@@ -179,8 +196,13 @@ class Queue:
 
     def _check_peers(self) -> None:
         """Called every 100 ms while blocked: raise PeerDead if every other
-        process that has used this queue is gone (nobody could wake us)."""
+        process that has used this queue is gone and no other live thread of
+        this process has used it (nobody could wake us)."""
         me = os.getpid()
+        current = threading.get_ident()
+        live = threading._active        # ident -> Thread, for threads still running
+        if any(t != current and t in live for t in self._threads):
+            return
         words = self._ring.words
         others = 0
         for i in range(MAX_PEERS):
@@ -199,35 +221,18 @@ class Queue:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
 
-    def _deserialize(self, msg):
-        if type(msg) is bytes:                # the core's fast path: a plain pickle
-            return pickle.loads(msg)
-        mv = memoryview(msg)
-        nbufs, custom, main_len = _META.unpack_from(mv, 0)
-        meta_len = _META.size + 8 * nbufs
-        main_off = _align(meta_len)
-        if main_off + main_len > len(mv):
-            raise pickle.UnpicklingError("corrupt queue message")
-        main = mv[main_off:main_off + main_len]
-        if custom == _MSG_RAW_BYTES:
-            return bytes(main)
+    def _decode(self, kind: int, main, bufs):
+        """Object from a message (kind, main bytes, out-of-band buffers)."""
+        if kind == MSG_RAW_BYTES:
+            return main if type(main) is bytes else bytes(main)
         if self._loads is not None:
             # A queue with its own serializer never unpickles, whatever the
-            # message claims to be (the flag is written by the producer).
+            # message claims to be (the kind is written by the producer).
             return self._loads(main)
-        if custom != _MSG_PICKLE:
-            raise pickle.UnpicklingError(f"unknown queue message kind {custom}")
-        if not nbufs:
-            return pickle.loads(main)
-        lens = struct.unpack_from(f"<{nbufs}Q", mv, _META.size)
-        buffers, pos = [], main_off + main_len
-        for ln in lens:
-            pos = _align(pos)
-            if pos + ln > len(mv):
-                raise pickle.UnpicklingError("corrupt queue message")
-            buffers.append(mv[pos:pos + ln])
-            pos += ln
-        return pickle.loads(main, buffers=buffers)
+        if kind != MSG_PICKLE:
+            raise pickle.UnpicklingError(f"queue message of kind {kind}: this queue has no "
+                                         "custom loads")
+        return pickle.loads(main, buffers=bufs) if bufs else pickle.loads(main)
 
     def put(self, obj, block: bool = True, timeout: float | None = None) -> None:
         """Put obj into the queue (see multiprocessing.Queue.put)."""
@@ -237,21 +242,24 @@ class Queue:
             self._register()
         # Serialize before taking any lock (as the stdlib does).
         if self._dumps is not None:
-            main, bufs, kind = self._dumps(obj), None, _MSG_CUSTOM
+            main, bufs, kind = self._dumps(obj), None, MSG_CUSTOM
         elif type(obj) is bytes:
-            main, bufs, kind = obj, None, _MSG_RAW_BYTES
+            main, bufs, kind = obj, None, MSG_RAW_BYTES
         else:
             bufs: list = []
             main = _mp_dumps(obj, bufs.append)
             if bufs:
                 bufs = [b.raw() for b in bufs]
-            kind = _MSG_PICKLE
+            kind = MSG_PICKLE
+        self._put_message(kind, main, bufs, block, timeout)
+
+    def _put_message(self, kind, main, bufs, block, timeout) -> None:
         if not self._joinable:
-            self._core.put_obj(main, bufs, kind, block, timeout)
+            self._core.put_msg(kind, main, bufs, block, timeout)
             return
         self._core.task_add(1)
         try:
-            self._core.put_obj(main, bufs, kind, block, timeout)
+            self._core.put_msg(kind, main, bufs, block, timeout)
         except BaseException:
             self._core.task_add(-1)
             raise
@@ -262,12 +270,8 @@ class Queue:
             raise ValueError(f"Queue {self!r} is closed")
         if self._registered_pid != _pid[0]:
             self._register()
-        msg = self._core.get_raw(block, timeout)
-        if type(msg) is bytes:                # unserialize after releasing the lock
-            if self._core.last_kind == _MSG_RAW_BYTES:
-                return msg
-            return _loads(msg) if self._loads is None else self._loads(msg)
-        return self._deserialize(msg)
+        kind, main, bufs = self._core.get_msg(block, timeout)
+        return self._decode(kind, main, bufs)     # unserialize after releasing the lock
 
     def get_nocopy(self, block: bool = True, timeout: float | None = None):
         """Like get(), but out-of-band buffers (NumPy arrays, PickleBuffers) are
@@ -277,8 +281,28 @@ class Queue:
         self._check_closed()
         if self._registered_pid != os.getpid():
             self._register()
-        held = self._core.get_raw(block, timeout, True)
-        return self._deserialize(held)
+        kind, main, bufs = self._core.get_msg(block, timeout, True)
+        return self._decode(kind, main, bufs)
+
+    def get_message(self, block: bool = True, timeout: float | None = None):
+        """Take one message as it lies in shared memory, without
+        unserializing it: ``(kind, main, buffers)`` with kind MSG_PICKLE,
+        MSG_CUSTOM or MSG_RAW_BYTES, main a bytes-like object and buffers a
+        list of bytes-like objects (out-of-band pickle buffers).  For bridges
+        and relays: nothing from the queue is ever run.  Empty as get()."""
+        self._check_closed()
+        if self._registered_pid != _pid[0]:
+            self._register()
+        return self._core.get_msg(block, timeout)
+
+    def put_message(self, kind: int, main, buffers=(), block: bool = True,
+                    timeout: float | None = None) -> None:
+        """Put a message taken with get_message() (here or in another queue)
+        as it is.  Full and timeouts as put(); a JoinableQueue counts it."""
+        self._check_closed()
+        if self._registered_pid != _pid[0]:
+            self._register()
+        self._put_message(kind, main, list(buffers) if buffers else None, block, timeout)
 
     def put_nowait(self, obj) -> None:
         return self.put(obj, False)
@@ -287,16 +311,14 @@ class Queue:
         return self.get(False)
 
     def qsize(self) -> int:
-        """Approximate number of items in the queue (from the ring indices)."""
-        self._check_closed()
+        """Approximate number of items in the queue (from the ring indices;
+        keeps answering after close(), as the stdlib's does)."""
         return self._core.qsize()
 
     def empty(self) -> bool:
-        self._check_closed()
         return self._core.qsize() == 0
 
     def full(self) -> bool:
-        self._check_closed()
         return bool(self._maxsize) and self._core.qsize() >= self._maxsize
 
     def close(self) -> None:
@@ -307,11 +329,21 @@ class Queue:
         self._closed = True
         self.__dict__.pop("put", None)
         self.__dict__.pop("get", None)
-        self._core.close()
-        owner = self._ring.segment is not None and self._ring.segment.owner
-        self._ring.close()
-        if owner:
-            self._ring.unlink()
+        # Calls blocked in other threads wake up and raise ValueError; the
+        # eventfds they poll are closed only after the last one has returned.
+        # The mapping stays (qsize() keeps answering) until this object goes.
+        self._core.close(self._release_fds)
+
+    def _release_fds(self) -> None:
+        ring = self._ring
+        if ring.segment is not None and ring.segment.owner:
+            ring.unlink()
+        if ring._owns_fds:
+            for fd in ring.kick_fds + ring.call_fds:
+                if fd >= 0:
+                    os.close(fd)
+        ring.kick_fds = [-1] * len(ring.kick_fds)
+        ring.call_fds = [-1] * len(ring.call_fds)
         if self._join_fd >= 0:
             os.close(self._join_fd)
             self._join_fd = -1
@@ -349,6 +381,8 @@ class Queue:
     def __del__(self):
         try:
             self.close()
+            if self._ring is not None:
+                self._ring.close()         # the mapping goes when no view needs it
         except Exception:
             pass
 
@@ -368,10 +402,17 @@ class JoinableQueue(Queue):
         self._check_closed()
         self._core.task_done()
 
-    def join(self) -> None:
-        """Block until every item put has been matched by a task_done()."""
+    def join(self, timeout: float | None = None) -> bool:
+        """Block until every item put has been matched by a task_done().
+        With a timeout, returns False if that did not happen in time (the
+        stdlib's join() takes none; a call without one behaves as there).
+        Without a timeout, raises PeerDead when tasks are unfinished and no
+        one is left who could finish them (every other process that used the
+        queue has died, and no other thread of this one used it)."""
         self._check_closed()
-        self._core.join(None)
+        if self._registered_pid != _pid[0]:
+            self._register()
+        return self._core.join(timeout)
 
 
 class SimpleQueue:
