@@ -1,17 +1,18 @@
 """A three-stage NumPy pipeline whose middle stage runs "on another host",
 behind a pair of ZeroMQ bridges (vringipc.bridge; pip install "vringipc[bridge]").
 
-    host A: stage 1 (make frames) -> ch_a_out -> [sender bridge] --tcp-->
-    host B:                 [receiver bridge] -> ch_b_in -> stage 2 (normalise)
-            stage 2 -> ch_b_out -> [sender bridge] --tcp-->
-    host A:                 [receiver bridge] -> ch_a_in -> stage 3 (check, sum)
+    host A: stage 1 (make frames) -> q_a_out -> [sender bridge] --tcp-->
+    host B:                 [receiver bridge] -> q_b_in -> stage 2 (normalise)
+            stage 2 -> q_b_out -> [sender bridge] --tcp-->
+    host A:                 [receiver bridge] -> q_a_in -> stage 3 (check, sum)
 
-Every stage only calls send()/recv() on a local Channel; the bridges carry the
-messages.  Here both "hosts" are processes on 127.0.0.1.  Between machines,
-run the bridges with the CLI instead:
+Every stage only calls put()/get() on a local Queue; the bridges carry the
+messages as they lie in shared memory (pickle bytes and the arrays as
+out-of-band buffers) and never unpickle.  Here both "hosts" are processes on
+127.0.0.1.  Between machines, run the bridges with the CLI instead:
 
-    vringipc bridge --from channel:NAME --to tcp://hostB:5555            # on A
-    vringipc bridge --from tcp://0.0.0.0:5555 --allow-remote --to channel:NAME  # on B
+    vringipc bridge --from queue:NAME --to tcp://hostB:5555                  # on A
+    vringipc bridge --from tcp://0.0.0.0:5555 --allow-remote --to queue:NAME   # on B
 """
 
 import os
@@ -55,25 +56,21 @@ def run_bridge(kind: str, local, endpoint: str) -> None:
         b.close()
 
 
-def stage1(out: vringipc.Channel) -> None:             # host A: the source
+def stage1(out: vringipc.Queue) -> None:               # host A: the source
     for i in range(FRAMES):
-        frame = np.full(SHAPE, i, dtype=np.float32)
-        out.send(frame)                               # one copy, into shared memory
+        out.put({"i": i, "frame": np.full(SHAPE, i, dtype=np.float32)})
 
 
-def stage2(inp: vringipc.Channel, out: vringipc.Channel) -> None:    # host B
+def stage2(inp: vringipc.Queue, out: vringipc.Queue) -> None:        # host B
     for _ in range(FRAMES):
-        with inp.recv_view(timeout=30) as msg:        # no copy out of shared memory
-            frame = np.frombuffer(msg, np.float32).reshape(SHAPE)
-            result = (frame - frame.mean()) + frame[0, 0] * 2   # "work"
-            del frame
-        out.send(result)
+        item = inp.get(timeout=30)
+        frame = item["frame"]
+        item["frame"] = (frame - frame.mean()) + frame[0, 0] * 2     # "work"
+        out.put(item)
 
 
 def main() -> None:
-    cap = 4 << 20
-    a_out, b_in = vringipc.Channel(cap), vringipc.Channel(cap)
-    b_out, a_in = vringipc.Channel(cap), vringipc.Channel(cap)
+    a_out, b_in, b_out, a_in = (vringipc.Queue() for _ in range(4))
     ep_ab = f"tcp://127.0.0.1:{free_port()}"          # A -> B
     ep_ba = f"tcp://127.0.0.1:{free_port()}"          # B -> A
     bridges = [in_child(run_bridge, "recv", b_in, ep_ab),     # on B
@@ -84,11 +81,9 @@ def main() -> None:
     total = 0.0
     try:
         for i in range(FRAMES):                       # stage 3, host A
-            with a_in.recv_view(timeout=30) as msg:
-                frame = np.frombuffer(msg, np.float32)
-                assert frame[0] == 2 * i, (i, frame[0])
-                total += float(frame.sum())
-                del frame
+            item = a_in.get(timeout=30)
+            assert item["i"] == i and item["frame"][0, 0] == 2 * i, (i, item["i"])
+            total += float(item["frame"].sum())
         for pid in stages:
             _, status = os.waitpid(pid, 0)
             assert os.waitstatus_to_exitcode(status) == 0, "a stage failed"
@@ -97,8 +92,8 @@ def main() -> None:
             os.kill(pid, signal.SIGTERM)
         for pid in bridges:
             os.waitpid(pid, 0)
-        for ch in (a_out, b_in, b_out, a_in):
-            ch.close()
+        for q in (a_out, b_in, b_out, a_in):
+            q.close()
     nbytes = FRAMES * int(np.prod(SHAPE)) * 4
     print(f"{FRAMES} frames of {SHAPE} float32 went A -> B -> A through two bridge pairs "
           f"({2 * nbytes / 1e6:.0f} MB over tcp://127.0.0.1), in order; checksum {total:.0f}")

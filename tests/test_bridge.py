@@ -422,21 +422,33 @@ def test_fuzz_receive_side():
 
 # --- the CLI ---------------------------------------------------------------------------------
 
-def test_cli_status_line_and_sigterm(tmp_path):
-    a = vringipc.Channel(1 << 20, backend="shm")
-    b = vringipc.Channel(1 << 20, backend="shm")
+@pytest.mark.parametrize("kind", ["queue", "channel"])
+def test_cli_status_line_and_sigterm(tmp_path, kind):
+    if kind == "queue":
+        a = Queue(backend="shm", name=f"/vrbr_a_{os.getpid()}")
+        b = Queue(backend="shm", name=f"/vrbr_b_{os.getpid()}")
+        names = (a._ring.name, b._ring.name)
+    else:
+        a = vringipc.Channel(1 << 20, backend="shm")
+        b = vringipc.Channel(1 << 20, backend="shm")
+        names = (a.name, b.name)
     ep = f"tcp://127.0.0.1:{free_port()}"
     procs = []
     try:
-        procs.append(_cli_run(tmp_path, "recv", ["--from", ep, "--to", f"channel:{b.name}",
+        procs.append(_cli_run(tmp_path, "recv", ["--from", ep, "--to", f"{kind}:{names[1]}",
                                                  "--status-every", "0.2",
                                                  "--state", str(tmp_path / "st")]))
-        procs.append(_cli_run(tmp_path, "send", ["--from", f"channel:{a.name}", "--to", ep,
+        procs.append(_cli_run(tmp_path, "send", ["--from", f"{kind}:{names[0]}", "--to", ep,
                                                  "--status-every", "0.2"]))
         msgs = [numbered(i, 50) for i in range(500)]
-        t = feed(a, msgs)
-        assert drain(b, len(msgs)) == msgs
-        t.join(10)
+        if kind == "queue":
+            for m in msgs:
+                a.put(m)
+            assert [b.get(timeout=20) for _ in msgs] == msgs
+        else:
+            t = feed(a, msgs)
+            assert drain(b, len(msgs)) == msgs
+            t.join(10)
         time.sleep(0.5)
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -485,6 +497,36 @@ def test_queue_round_trip_never_unpickles():
             assert g["i"] == o["i"] and (g["arr"] == o["arr"]).all()
         else:
             assert g == o
+    qa.close()
+    qb.close()
+
+
+@needs_raw
+def test_queue_back_pressure_and_sigkilled_sender():
+    # the remote queue (maxsize 20) is not read: local put()s end with Full
+    qa, qb = Queue(maxsize=20), Queue(maxsize=20)
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    window = 32
+    with reaped() as kids:
+        r = start(kids, "recv", qb, ep)
+        s = start(kids, "send", qa, ep, window=window)
+        sent = 0
+        with pytest.raises(vringipc.Full):
+            for i in range(10_000):
+                qa.put(i, timeout=1.0)
+                sent += 1
+        assert sent <= 20 + 1 + window + 20, sent
+        s.kill()                              # its window (<= 32) is lost, nothing else
+        s = start(kids, "send", qa, ep, window=window)
+        got = []
+        while True:
+            try:
+                got.append(qb.get(timeout=1.5))
+            except vringipc.Empty:
+                break
+        assert stop(s) == 0 and stop(r) == 0
+    assert got == sorted(set(got)) and sent - len(got) <= window
+    assert got[-1] == sent - 1                # the messages after the window all arrived
     qa.close()
     qb.close()
 
