@@ -331,30 +331,67 @@ def _is_channel(obj) -> bool:
     return isinstance(obj, Channel)
 
 
+class _Batch:
+    """Messages first .. first+count-1 as the frames of one DATA message,
+    kept in the sender's window until acknowledged."""
+
+    __slots__ = ("first", "count", "frames", "nbytes", "hold")
+
+    def __init__(self, first, count, frames, nbytes, hold):
+        self.first, self.count, self.frames = first, count, frames
+        self.nbytes, self.hold = nbytes, hold
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+    def release(self) -> None:
+        for v in self.hold or ():
+            v.release()                 # a Channel view: given back once zmq let go
+        self.hold = None
+
+
+def _frames(seq, desc, lens, small, big) -> list:
+    hdr = (DATA_HDR.pack(seq, len(desc) // 2, len(lens)) + struct.pack(f"<{len(desc)}H", *desc)
+           + struct.pack(f"<{len(lens)}I", *lens))
+    return [T_DATA, hdr, b"".join(small), *big]
+
+
 class _QueueSource:
     kind = SRC_QUEUE
+    give_back_ok = True
 
     def __init__(self, q):
         if not hasattr(q, "get_message"):
             raise TypeError("this vringipc.Queue has no get_message(): the bridge needs the raw "
                             "message API")
         self.q = q
-        self.give_back_ok = True
 
-    def take(self, n: int, nbytes: int, timeout: float) -> list:
-        """Up to n messages (about nbytes), waiting up to timeout for the first:
-        entries [kind, main, bufs, size, release]."""
+    def take(self, seq: int, n: int, nbytes: int, timeout: float):
+        """A _Batch of up to n messages (about nbytes) numbered from seq,
+        waiting up to timeout for the first; None if there is none."""
         get = self.q.get_message
-        out = []
         try:
-            while len(out) < n and nbytes > 0:
-                kind, main, bufs = get(not out and timeout > 0, timeout if not out else None)
-                size = len(main) + sum(memoryview(b).nbytes for b in bufs)
-                out.append((kind, main, bufs, size, None))
-                nbytes -= size
+            kind, main, bufs = get(True, timeout) if timeout > 0 else get(False)
         except _queue.Empty:
-            pass
-        return out
+            return None
+        desc, lens, small, big = [], [], [], []
+        count = size = 0
+        while True:
+            desc += (kind, len(bufs))
+            for part in (main, *bufs) if bufs else (main,):
+                ln = len(part) if type(part) is bytes else memoryview(part).nbytes
+                lens.append(ln)
+                size += ln
+                (small if ln < INLINE_MAX else big).append(part)
+            count += 1
+            if count >= n or size >= nbytes:
+                break
+            try:
+                kind, main, bufs = get(False)
+            except _queue.Empty:
+                break
+        return _Batch(seq, count, _frames(seq, desc, lens, small, big), size, None)
 
     def wait_begin(self):
         """After take() found nothing: an fd that becomes readable when a
@@ -372,9 +409,9 @@ class _QueueSource:
                 pass
             self.q._core.sleep_end(0)
 
-    def give_back(self, entries, timeout: float) -> int:
+    def give_back(self, msgs, timeout: float) -> int:
         n = 0
-        for kind, main, bufs, _size, _rel in entries:
+        for kind, main, bufs in msgs:
             self.q.put_message(kind, main, bufs, True, timeout)
             n += 1
         return n
@@ -387,18 +424,35 @@ class _ChannelSource:
     def __init__(self, ch):
         self.ch = ch
 
-    def take(self, n: int, nbytes: int, timeout: float) -> list:
-        out = []
+    def take(self, seq: int, n: int, nbytes: int, timeout: float):
+        recv = self.ch.recv_view
         try:
-            while len(out) < n and nbytes > 0:
+            v = recv(True, timeout) if timeout > 0 else recv(False)
+        except _queue.Empty:
+            return None
+        desc, lens, small, big, hold = [], [], [], [], []
+        count = size = 0
+        while True:
+            ln = len(v)
+            desc += (MSG_RAW_BYTES, 0)
+            lens.append(ln)
+            size += ln
+            if ln < INLINE_MAX:
+                small.append(v.tobytes())
+                v.release()
+            else:
                 # the view itself goes to zmq (copy=False) and stays in the
                 # window: its release() waits until zmq let go of it
-                v = self.ch.recv_view(not out and timeout > 0, timeout if not out else None)
-                out.append((MSG_RAW_BYTES, v, (), len(v), v))
-                nbytes -= len(v)
-        except _queue.Empty:
-            pass
-        return out
+                big.append(v)
+                hold.append(v)
+            count += 1
+            if count >= n or size >= nbytes:
+                break
+            try:
+                v = recv(False)
+            except _queue.Empty:
+                break
+        return _Batch(seq, count, _frames(seq, desc, lens, small, big), size, hold)
 
     def wait_begin(self):
         # a receive that found nothing armed the kick eventfd
@@ -408,7 +462,7 @@ class _ChannelSource:
     def wait_end(self, fd) -> None:
         pass
 
-    def give_back(self, entries, timeout: float) -> int:
+    def give_back(self, msgs, timeout: float) -> int:
         return 0
 
 
@@ -617,12 +671,10 @@ def build_data(seq: int, entries) -> list:
     for kind, main, bufs in entries:
         desc += (kind, len(bufs))
         for part in (main, *bufs):
-            ln = part.nbytes if isinstance(part, memoryview) else len(part)
+            ln = memoryview(part).nbytes
             lens.append(ln)
             (small if ln < INLINE_MAX else big).append(part)
-    hdr = (DATA_HDR.pack(seq, len(entries), len(lens)) + struct.pack(f"<{len(desc)}H", *desc)
-           + struct.pack(f"<{len(lens)}I", *lens))
-    return [T_DATA, hdr, b"".join(small), *big]
+    return _frames(seq, desc, lens, small, big)
 
 
 class ReceiverCore:
@@ -831,8 +883,10 @@ class Sender:
             sock.rcvhwm = 1000
         self.link = _Link(zmq.DEALER, endpoint, bind, allow_remote, curve, setup)
         self.endpoint = endpoint
-        self.win: collections.deque = collections.deque()   # [seq, kind, main, bufs, size, rel]
+        self.win: collections.deque[_Batch] = collections.deque()
+        self.inflight = 0            # messages taken and not acknowledged
         self.win_bytes = 0
+        self.acked = 0               # the receiver delivered 1 .. acked
         self.next_seq = 1            # the next message taken gets this number
         self.send_seq = 1            # the next one to transmit
         self.welcomed = False
@@ -843,25 +897,23 @@ class Sender:
         self.lost = self.returned = 0
 
     # -- state -------------------------------------------------------------------
-    @property
-    def acked(self) -> int:
-        return self.win[0][0] - 1 if self.win else self.next_seq - 1
-
     def stats(self) -> dict:
         return {"messages": self.acked, "taken": self.next_seq - 1, "bytes": self.bytes,
-                "in_flight": len(self.win), "in_flight_bytes": self.win_bytes,
+                "in_flight": self.inflight, "in_flight_bytes": self.win_bytes,
                 "window": self.window, "resent": self.resent,
                 "reconnects": max(0, self.link.connects - 1), "connected": self.welcomed,
                 "auth_failures": self.link.auth_failures}
 
     def _release_through(self, delivered: int) -> None:
         win = self.win
-        while win and win[0][0] <= delivered:
-            e = win.popleft()
-            self.win_bytes -= e[4]
-            self.bytes += e[4]
-            if e[5] is not None:
-                e[5].release()
+        if delivered > self.acked:
+            self.inflight -= delivered - self.acked
+            self.acked = delivered
+        while win and win[0].last <= delivered:
+            b = win.popleft()
+            self.win_bytes -= b.nbytes
+            self.bytes += b.nbytes
+            b.release()
         if self.send_seq <= delivered:
             self.send_seq = delivered + 1
         self.last_progress = time.monotonic()
@@ -898,11 +950,9 @@ class Sender:
                     log.warning("the receiver resumes after %d, but %d were acknowledged: "
                                 "%d messages cannot be sent again", d, self.acked, self.acked - d)
                 self._release_through(d)
-                if self.send_seq <= self.acked:
-                    self.send_seq = self.acked + 1
-                if self.win and self.send_seq > self.win[0][0]:
-                    self.resent += self.send_seq - self.win[0][0]
-                self.send_seq = self.acked + 1          # go back: resend the whole window
+                if self.send_seq > self.acked + 1:
+                    self.resent += self.send_seq - self.acked - 1
+                self.send_seq = self.acked + 1          # go back: resend the window
                 self.welcomed = True
                 self.last_progress = time.monotonic()
             elif tag == T_RESYNC and len(frames) == 1:
@@ -916,38 +966,37 @@ class Sender:
             log.error("ignored a message from the receiver: %s", e)
 
     def _pump(self) -> None:
-        """Transmit what is in the window and not sent yet, in DATA batches."""
+        """Transmit the batches of the window not sent yet (a batch partly
+        delivered is sent whole: the receiver drops what it has)."""
         zmq = _zmq()
         sock, win = self.link.sock, self.win
-        while self.welcomed and win and self.send_seq < self.next_seq:
-            i = self.send_seq - win[0][0]
-            first = self.send_seq
-            batch, nbytes = [], 0
-            while i < len(win) and len(batch) < self.batch and (nbytes < BATCH_BYTES or not batch):
-                e = win[i]
-                batch.append((e[1], e[2], e[3]))
-                nbytes += e[4]
-                i += 1
+        if not self.welcomed or self.send_seq >= self.next_seq:
+            return
+        i = len(win)
+        while i > 0 and win[i - 1].last >= self.send_seq:
+            i -= 1
+        for k in range(i, len(win)):
+            b = win[k]
             try:
-                sock.send_multipart(build_data(first, batch), zmq.NOBLOCK, copy=False)
+                sock.send_multipart(b.frames, zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return                                  # the link is full or down: later
-            self.send_seq = first + len(batch)
+            self.send_seq = b.last + 1
 
     def _take(self, timeout: float) -> bool:
-        room = self.window - len(self.win)
-        room_b = self.window_bytes - self.win_bytes
+        room = min(self.window - self.inflight, self.batch)
+        room_b = min(self.window_bytes - self.win_bytes, BATCH_BYTES)
         if room <= 0 or room_b <= 0:
             return False
-        got = self.src.take(min(room, self.batch * 4), room_b, timeout)
-        seq = self.next_seq
-        for kind, main, bufs, size, rel in got:
-            self.win.append((seq, kind, main, bufs, size, rel))
-            self.win_bytes += size
-            seq += 1
-        self.next_seq = seq
-        self.messages += len(got)
-        return bool(got)
+        b = self.src.take(self.next_seq, room, room_b, timeout)
+        if b is None:
+            return False
+        self.win.append(b)
+        self.next_seq += b.count
+        self.inflight += b.count
+        self.win_bytes += b.nbytes
+        self.messages += b.count
+        return True
 
     def _network(self, timeout: float, fd: int | None = None) -> None:
         zmq = _zmq()
@@ -967,8 +1016,7 @@ class Sender:
         if not self.welcomed:
             if now - self.last_hello > HELLO_EVERY:
                 self._hello()
-        elif self.send_seq > (self.win[0][0] if self.win else self.next_seq) and \
-                now - self.last_progress > self.retransmit:
+        elif self.send_seq > self.acked + 1 and now - self.last_progress > self.retransmit:
             log.warning("no acknowledgement for %.1f s: resynchronising", self.retransmit)
             self._hello()
 
@@ -1013,31 +1061,33 @@ class Sender:
             status(self.stats())
 
     def _has_room(self) -> bool:
-        return len(self.win) < self.window and self.win_bytes < self.window_bytes
+        return self.inflight < self.window and self.win_bytes < self.window_bytes
 
     def _give_back(self) -> None:
         if not self.win:
             return
-        entries = [e[1:] for e in self.win]
+        msgs = []
+        for b in self.win:
+            seq, parsed = parse_data(b.frames[1:], 1 << 62)
+            msgs += [(k, m, bufs) for k, m, bufs, _ in parsed[max(0, self.acked + 1 - seq):]]
         n = 0
         if self.src.give_back_ok:
             try:
-                n = self.src.give_back(entries, 5.0)
+                n = self.src.give_back(msgs, 5.0)
             except Exception as e:                      # Full, closed...
                 log.error("could not give unacknowledged messages back: %s", e)
         self.returned += n
-        self.lost += len(entries) - n
+        self.lost += len(msgs) - n
         if n:
             log.warning("%d unacknowledged messages put back into the local queue", n)
-        if len(entries) > n:
+        if len(msgs) > n:
             log.error("%d unacknowledged messages dropped (not acknowledged by the receiver "
                       "within the drain timeout, and the local object cannot take them back)",
-                      len(entries) - n)
-        for e in self.win:
-            if e[5] is not None:
-                e[5].release()
+                      len(msgs) - n)
+        for b in self.win:
+            b.release()
         self.win.clear()
-        self.win_bytes = 0
+        self.win_bytes = self.inflight = 0
 
     def close(self) -> None:
         self.link.close()
