@@ -73,6 +73,7 @@ import collections
 import errno
 import fcntl
 import ipaddress
+import itertools
 import logging
 import mmap
 import os
@@ -485,6 +486,11 @@ class _QueueSink:
 
     def put(self, kind, main, bufs, timeout):
         self.q.put_message(kind, main, bufs, True, timeout)
+        if not self.q._joinable:
+            # registered in this process now: from here on the core's put
+            # itself (what put_message calls for a plain Queue)
+            core_put = self.q._core.put_msg
+            self.put = lambda k, m, b, t: core_put(k, m, b or None, True, t)
 
 
 class _ChannelSink:
@@ -637,6 +643,19 @@ def parse_data(frames, max_message: int, check=None):
     big = [ln for ln in lens if ln >= INLINE_MAX]
     if len(big) != len(frames) - 3 or sum(lens) - sum(big) != blob.nbytes:
         raise ProtocolError("DATA parts do not match the frames")
+    if nparts == count and not big:
+        # the common case of small messages without buffers, in bulk
+        kinds = desc[0::2]
+        for kind in set(kinds):
+            if kind not in KINDS:
+                raise ProtocolError(f"message kind {kind}")
+            if check is not None:
+                check(kind, 0)
+        if max(lens) > max_message:
+            raise ProtocolError(f"message of {max(lens)} bytes, the local object takes "
+                                f"{max_message}")
+        ends = list(itertools.accumulate(lens))
+        return seq, [(k, blob[e - ln:e], [], ln) for k, ln, e in zip(kinds, lens, ends)]
     msgs, pos, nxt, k = [], 0, 3, 0
     for i in range(count):
         kind, nbufs = desc[2 * i], desc[2 * i + 1]
@@ -825,6 +844,7 @@ class Receiver:
         self.core.stop = stop
         sock, link = self.link.sock, self.link
         next_status = time.monotonic() + status_every
+        acks: dict[bytes, list] = {}
         while not stop.is_set():
             if link.poll(0.1):
                 for _ in range(64):
@@ -834,18 +854,31 @@ class Receiver:
                         break
                     rid, frames = msg[0].bytes, [f.buffer for f in msg[1:]]
                     for reply in self.core.handle(rid, frames):
-                        try:
-                            sock.send_multipart([rid] + reply, zmq.NOBLOCK)
-                        except zmq.Again:
-                            pass                     # the peer is gone: it will resync
+                        if reply[0] == T_ACK:
+                            acks[rid] = reply        # cumulative: send the last one
+                            continue
+                        self._send(rid, acks.pop(rid, None))
+                        self._send(rid, reply)
                     if stop.is_set():
                         break
+                for rid, reply in acks.items():
+                    self._send(rid, reply)
+                acks.clear()
             link.events()
             if status is not None and time.monotonic() >= next_status:
                 next_status = time.monotonic() + status_every
                 status(self.stats())
         if status is not None:
             status(self.stats())
+
+    def _send(self, rid: bytes, reply) -> None:
+        if reply is None:
+            return
+        zmq = _zmq()
+        try:
+            self.link.sock.send_multipart([rid] + reply, zmq.NOBLOCK)
+        except zmq.Again:
+            pass                                     # the peer is gone: it will resync
 
     def close(self) -> None:
         self.link.close()
