@@ -102,6 +102,7 @@ MAX_BATCH = 4096                    # messages per DATA message
 MAX_BUFS = 4094                     # out-of-band buffers per Queue message (parts <= 4096)
 MAX_SEQ = (1 << 63) - 1
 INLINE_MAX = 8192                   # parts shorter than this travel packed in one frame
+HOLD_FROM = 65536                   # a Queue sender takes messages this large without a copy
 
 DEFAULT_WINDOW = 1024
 DEFAULT_WINDOW_BYTES = 16 << 20
@@ -367,25 +368,43 @@ class _QueueSource:
             raise TypeError("this vringipc.Queue has no get_message(): the bridge needs the raw "
                             "message API")
         self.q = q
+        self._core_get = None
+        self._hold = False
 
     def take(self, seq: int, n: int, nbytes: int, timeout: float):
         """A _Batch of up to n messages (about nbytes) numbered from seq,
         waiting up to timeout for the first; None if there is none."""
-        get = self.q.get_message
+        if self._core_get is None:
+            get = self.q.get_message               # registers this process
+        else:
+            # the core's get: with hold=True main and buffers are views of
+            # shared memory, pinned until zmq and the window let go, so large
+            # parts leave without a copy; holding costs more than copying
+            # small ones, so hold while the previous message was large
+            core_get, hold = self._core_get, self._hold
+            get = lambda block, timeout=None: core_get(block, timeout, hold)  # noqa: E731
         try:
             kind, main, bufs = get(True, timeout) if timeout > 0 else get(False)
         except _queue.Empty:
             return None
+        if self._core_get is None:
+            self._core_get = self.q._core.get_msg
         desc, lens, small, big = [], [], [], []
         count = size = 0
         while True:
             desc += (kind, len(bufs))
+            msize = 0
             for part in (main, *bufs) if bufs else (main,):
                 ln = len(part) if type(part) is bytes else memoryview(part).nbytes
                 lens.append(ln)
-                size += ln
+                msize += ln
                 (small if ln < INLINE_MAX else big).append(part)
+            size += msize
             count += 1
+            if (msize >= HOLD_FROM) != self._hold and self._core_get is not None:
+                self._hold = not self._hold
+                core_get, hold = self._core_get, self._hold
+                get = lambda block, timeout=None: core_get(block, timeout, hold)  # noqa: E731
             if count >= n or size >= nbytes:
                 break
             try:
