@@ -9,7 +9,7 @@ tcp://127.0.0.1, and the consumer (this process) gets them: messages/s from
 the first get to the last.  The baseline is what one would write without
 vringipc: a PUSH socket in the producer, a PULL socket in the consumer, one
 zmq message per message.  64 B messages are bytes (put/get; send/recv) and
-are batched by the bridge (up to 256 per network message; zmq batches small
+are batched by the bridge (up to 512 per network message; zmq batches small
 messages in its I/O thread too).  From 64 KiB on, both sides use their
 zero-copy calls: a NumPy array put (one copy into shared memory) and
 get_nocopy() against send(copy=False)/recv(copy=False).

@@ -462,7 +462,7 @@ def test_cli_status_line_and_sigterm(tmp_path, kind):
         b.close()
     send_err = (tmp_path / "send.err").read_text()
     recv_err = (tmp_path / "recv.err").read_text()
-    assert "500 msgs" in send_err and "window 0/1024" in send_err and "reconnects" in send_err
+    assert "500 msgs" in send_err and f"window 0/{B.DEFAULT_WINDOW}" in send_err and "reconnects" in send_err
     assert "500 msgs" in recv_err and "delivered" in recv_err
     assert "stopped" in send_err and "stopped" in recv_err
 

@@ -104,9 +104,9 @@ MAX_SEQ = (1 << 63) - 1
 INLINE_MAX = 8192                   # parts shorter than this travel packed in one frame
 HOLD_FROM = 65536                   # a Queue sender takes messages this large without a copy
 
-DEFAULT_WINDOW = 1024
+DEFAULT_WINDOW = 4096
 DEFAULT_WINDOW_BYTES = 16 << 20
-DEFAULT_BATCH = 256
+DEFAULT_BATCH = 512
 BATCH_BYTES = 1 << 20               # a DATA message carries at most this much (or one message)
 RETRANSMIT = 2.0                    # seconds without progress before a resync
 HELLO_EVERY = 0.5
@@ -909,7 +909,7 @@ class Receiver:
 
 class Sender:
     """Local Queue/Channel -> network.  ``Sender(source, endpoint, bind=False,
-    window=1024, window_bytes=16 MiB, batch=256, curve=None,
+    window=4096, window_bytes=16 MiB, batch=512, curve=None,
     allow_remote=False)``; ``run(stop)`` until stop (a threading.Event) is
     set, then drains: waits up to `drain_timeout` for the acknowledgements
     of its window and gives what is still unacknowledged back to a local
