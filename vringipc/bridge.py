@@ -102,6 +102,7 @@ MAX_BATCH = 4096                    # messages per DATA message
 MAX_BUFS = 4094                     # out-of-band buffers per Queue message (parts <= 4096)
 MAX_SEQ = (1 << 63) - 1
 INLINE_MAX = 8192                   # parts shorter than this travel packed in one frame
+ACK_BYTES = 1 << 20                 # a receiver acknowledges at least every MiB
 HOLD_FROM = 65536                   # a Queue sender takes messages this large without a copy
 
 DEFAULT_WINDOW = 4096
@@ -864,6 +865,7 @@ class Receiver:
         sock, link = self.link.sock, self.link
         next_status = time.monotonic() + status_every
         acks: dict[bytes, list] = {}
+        flushed = (0, 0)                 # core.bytes, core.messages at the last ack flush
         while not stop.is_set():
             if link.poll(0.1):
                 for _ in range(64):
@@ -878,6 +880,12 @@ class Receiver:
                             continue
                         self._send(rid, acks.pop(rid, None))
                         self._send(rid, reply)
+                    core = self.core
+                    if core.bytes - flushed[0] >= ACK_BYTES or core.messages - flushed[1] >= 1024:
+                        for r, reply in acks.items():     # do not sit on acks for long
+                            self._send(r, reply)
+                        acks.clear()
+                        flushed = (core.bytes, core.messages)
                     if stop.is_set():
                         break
                 for rid, reply in acks.items():
