@@ -20,8 +20,11 @@ serializer, raw bytes), the main bytes and the out-of-band buffers
 the frames and puts them into its queue as they are: a bridge never runs code
 from the network (the consumer of the destination queue unpickles, as it
 would for a local producer: use CURVE between hosts).  A Channel message is
-raw bytes (kind 2, no buffers); a Channel source is read with ``recv_view()``
-and sent without a copy (``copy=False`` frames pin the view until sent).
+raw bytes (kind 2, no buffers).  Large messages leave shared memory without a
+copy: a Queue sender takes them with the core's pinning get (as
+``get_nocopy``), a Channel sender with ``recv_view()``, and sends the views as
+``copy=False`` frames; they stay pinned until zmq has sent them and the
+receiver has acknowledged them.  Parts under 8 KiB are packed into one frame.
 
 Protocol (ZeroMQ DEALER -> ROUTER, multipart frames, little-endian)
 -------------------------------------------------------------------
