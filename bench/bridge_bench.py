@@ -27,11 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
+import multiprocessing
 import socket
 import statistics
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,36 +51,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def child(fn, *args) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn(*args)
-            code = 0
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
+def child(fn, *args) -> multiprocessing.Process:
+    p = multiprocessing.get_context("fork").Process(target=fn, args=args)
+    p.start()
+    return p
 
 
 def run_bridge(kind, local, ep):
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    b = bridge.Sender(local, ep) if kind == "send" else bridge.Receiver(local, ep)
-    try:
-        b.run(stop)
-    finally:
-        b.close()
+    bridge.run_until_signal(bridge.Sender(local, ep) if kind == "send"
+                            else bridge.Receiver(local, ep))
 
 
-def reap(pids, term=()):
+def reap(procs, term=()):
     for p in term:
-        os.kill(p, signal.SIGTERM)
-    for p in pids:
-        os.waitpid(p, 0)
+        p.terminate()
+    for p in procs:
+        p.join(60)
 
 
 def make(kind, size, n):

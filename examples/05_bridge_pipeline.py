@@ -15,10 +15,8 @@ out-of-band buffers) and never unpickle.  Here both "hosts" are processes on
     vringipc bridge --from tcp://0.0.0.0:5555 --allow-remote --to queue:NAME   # on B
 """
 
-import os
-import signal
+import multiprocessing
 import socket
-import threading
 
 import numpy as np
 
@@ -26,6 +24,13 @@ import vringipc
 from vringipc import bridge
 
 SHAPE, FRAMES = (128, 128), 300
+FORK = multiprocessing.get_context("fork")     # the Queues reach the children by fork
+
+
+def start(fn, *args):
+    p = FORK.Process(target=fn, args=args)
+    p.start()
+    return p
 
 
 def free_port() -> int:
@@ -34,26 +39,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def in_child(fn, *args) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn(*args)
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
-
-
 def run_bridge(kind: str, local, endpoint: str) -> None:
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    b = (bridge.Sender(local, endpoint) if kind == "send" else bridge.Receiver(local, endpoint))
-    try:
-        b.run(stop)
-    finally:
-        b.close()
+    b = bridge.Sender(local, endpoint) if kind == "send" else bridge.Receiver(local, endpoint)
+    bridge.run_until_signal(b)                  # until SIGTERM
 
 
 def stage1(out: vringipc.Queue) -> None:               # host A: the source
@@ -73,25 +61,25 @@ def main() -> None:
     a_out, b_in, b_out, a_in = (vringipc.Queue() for _ in range(4))
     ep_ab = f"tcp://127.0.0.1:{free_port()}"          # A -> B
     ep_ba = f"tcp://127.0.0.1:{free_port()}"          # B -> A
-    bridges = [in_child(run_bridge, "recv", b_in, ep_ab),     # on B
-               in_child(run_bridge, "send", a_out, ep_ab),    # on A
-               in_child(run_bridge, "recv", a_in, ep_ba),     # on A
-               in_child(run_bridge, "send", b_out, ep_ba)]    # on B
-    stages = [in_child(stage1, a_out), in_child(stage2, b_in, b_out)]
+    bridges = [start(run_bridge, "recv", b_in, ep_ab),        # on B
+               start(run_bridge, "send", a_out, ep_ab),       # on A
+               start(run_bridge, "recv", a_in, ep_ba),        # on A
+               start(run_bridge, "send", b_out, ep_ba)]       # on B
+    stages = [start(stage1, a_out), start(stage2, b_in, b_out)]
     total = 0.0
     try:
         for i in range(FRAMES):                       # stage 3, host A
             item = a_in.get(timeout=30)
             assert item["i"] == i and item["frame"][0, 0] == 2 * i, (i, item["i"])
             total += float(item["frame"].sum())
-        for pid in stages:
-            _, status = os.waitpid(pid, 0)
-            assert os.waitstatus_to_exitcode(status) == 0, "a stage failed"
+        for p in stages:
+            p.join(30)
+            assert p.exitcode == 0, "a stage failed"
     finally:
-        for pid in bridges:
-            os.kill(pid, signal.SIGTERM)
-        for pid in bridges:
-            os.waitpid(pid, 0)
+        for p in bridges + stages:
+            p.terminate()                             # SIGTERM: the bridges stop cleanly
+        for p in bridges + stages:
+            p.join(30)
         for q in (a_out, b_in, b_out, a_in):
             q.close()
     nbytes = FRAMES * int(np.prod(SHAPE)) * 4

@@ -40,16 +40,7 @@ def free_port() -> int:
 
 
 def _bridge(role, obj, ep, kw):
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    b = (B.Sender if role == "send" else B.Receiver)(obj, ep, **kw)
-    try:
-        if role == "send":
-            b.run(stop, drain_timeout=kw.pop("drain", 5.0) if "drain" in kw else 5.0)
-        else:
-            b.run(stop)
-    finally:
-        b.close()
+    B.run_until_signal((B.Sender if role == "send" else B.Receiver)(obj, ep, **kw))
 
 
 def start(kids, role, obj, ep, **kw) -> Forked:
@@ -244,6 +235,17 @@ def test_sigkilled_sender_loses_at_most_its_window():
     assert len(msgs) - len(ids) <= window, f"lost {len(msgs) - len(ids)} > window {window}"
 
 
+def fill_until_full(put, make):
+    """Put make(0), make(1)... until a put with a 1 s timeout raises Full;
+    returns how many went in."""
+    sent = 0
+    with pytest.raises(vringipc.Full):
+        for i in range(10_000):
+            put(make(i), timeout=1.0)
+            sent += 1
+    return sent
+
+
 def test_back_pressure_reaches_the_local_producer():
     # nobody reads b: the remote Channel fills, acks stop, the sender's window
     # fills, the local Channel fills, and a.send() blocks (Full on timeout)
@@ -254,11 +256,7 @@ def test_back_pressure_reaches_the_local_producer():
     with reaped() as kids:
         r = start(kids, "recv", b, ep)
         s = start(kids, "send", a, ep, window=window)
-        sent = 0
-        with pytest.raises(vringipc.Full):
-            for i in range(10_000):
-                a.send(numbered(i, 100), timeout=1.0)
-                sent += 1
+        sent = fill_until_full(a.send, lambda i: numbered(i, 100))
         # b (32) + the receiver's put in progress + the sender's window + a (32)
         assert sent <= 32 + 1 + window + 32, sent
         got = drain(b, sent)
@@ -510,11 +508,7 @@ def test_queue_back_pressure_and_sigkilled_sender():
     with reaped() as kids:
         r = start(kids, "recv", qb, ep)
         s = start(kids, "send", qa, ep, window=window)
-        sent = 0
-        with pytest.raises(vringipc.Full):
-            for i in range(10_000):
-                qa.put(i, timeout=1.0)
-                sent += 1
+        sent = fill_until_full(qa.put, lambda i: i)
         assert sent <= 20 + 1 + window + 20, sent
         s.kill()                              # its window (<= 32) is lost, nothing else
         s = start(kids, "send", qa, ep, window=window)

@@ -88,7 +88,7 @@ import urllib.parse
 
 log = logging.getLogger("vringipc.bridge")
 
-__all__ = ["Sender", "Receiver", "ProtocolError", "BridgeRefused", "ReceiverCore",
+__all__ = ["Sender", "Receiver", "run_until_signal", "ProtocolError", "BridgeRefused", "ReceiverCore",
            "StateFile", "open_local", "check_endpoint", "CurveClient", "CurveServer",
            "keygen", "KINDS"]
 
@@ -1154,6 +1154,19 @@ class Sender:
 
     def close(self) -> None:
         self.link.close()
+
+
+def run_until_signal(b, **run_kw) -> None:
+    """Run a Sender or Receiver until SIGINT or SIGTERM (a Sender then
+    drains), and close it.  Call from the main thread of the process."""
+    import signal
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        b.run(stop, **run_kw)
+    finally:
+        b.close()
 
 
 # --- the `vringipc bridge` command ------------------------------------------------------
