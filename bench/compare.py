@@ -2,7 +2,7 @@
 """The comparison behind the README's Performance section (issue 4).
 
     python bench/compare.py              # full run: bench/results/compare.json + bench/results/*.png
-    python bench/compare.py --quick      # about a minute
+    python bench/compare.py --quick      # about 45 s (the tool prints its estimate)
     python bench/compare.py --runs 5     # any `vringipc bench compare` option
 
 A thin wrapper around `vringipc bench compare` (vringipc/benchtool/) that

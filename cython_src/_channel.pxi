@@ -10,6 +10,13 @@
 # Consumer: recv copies out and completes at once; recv_view hands out a
 # MessageView over shared memory and completes when the view is released and
 # no buffer export of it remains.
+#
+# Lifetime (the _Mapped protocol of _ring.pyx): close() only marks an end
+# closed and wakes its sleepers; every method that sleeps or copies without
+# the GIL holds a call (enter/leave), and every Loan / MessageView holds a pin,
+# so the mapping and the eventfds outlive them (Channel.close passes the
+# finalizer that closes them).  A Loan or MessageView inherited by a forked
+# child belongs to the parent: in the child it never writes shared memory.
 
 from cpython.buffer cimport PyBuffer_FillInfo
 
@@ -57,7 +64,7 @@ cdef class ChannelSender:
     def __cinit__(self, buffer, uint32_t num, uint64_t desc_off, uint64_t avail_off,
                   uint64_t used_off, uint64_t win_off, uint64_t win_size, *,
                   uint64_t features=0, int kick_fd=-1, int call_fd=-1, spin_ns=DEFAULT_SPIN_NS):
-        self.mapped = _Mapped(buffer)
+        self.mapped = _Mapped(buffer, "channel")
         _vrd_setup(&self.d, self.mapped, num, desc_off, avail_off, used_off, win_off, win_size,
                    features)
         self.win_off = win_off
@@ -82,12 +89,14 @@ cdef class ChannelSender:
         PyMem_RawFree(self.f_state)
         PyMem_RawFree(self.h_fifo)
 
-    def close(self):
-        self.d.base = NULL
-        self.mapped.release()
+    def close(self, finalizer=None):
+        """Close this end (idempotent): later calls raise ValueError, a call
+        blocked in another thread wakes up with ValueError.  `finalizer` runs
+        once no call is in flight and no Loan is alive (maybe at once)."""
+        self.mapped.close(finalizer, (self.call_fd,))
 
     @property
-    def closed(self): return self.d.base == NULL
+    def closed(self): return self.mapped.closing
     @property
     def max_message(self): return self.win_size
     @property
@@ -190,9 +199,11 @@ cdef class ChannelSender:
 
     cdef int _reserve(self, uint64_t size, bint block, object timeout, uint64_t *off,
                       uint16_t *head) except -1:
+        """Allocate, waiting for room if asked.  The caller has entered the
+        mapping (the wait releases the GIL)."""
         cdef int rc
         cdef int64_t deadline = -2
-        if self.d.base == NULL:
+        if self.mapped.closing:
             raise ValueError("channel is closed")
         if size > self.win_size or size > 0xffffffffu:
             raise MessageTooLarge(f"message of {size} bytes can never fit: the channel holds "
@@ -224,19 +235,29 @@ cdef class ChannelSender:
         cdef Py_buffer b
         cdef uint64_t off
         cdef uint16_t head
-        PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
+        cdef _Mapped m = self.mapped
+        m.enter()
         try:
-            self._reserve(<uint64_t>b.len, block, timeout, &off, &head)
-            if b.len > 65536:
-                with nogil:
+            PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
+            try:
+                self._reserve(<uint64_t>b.len, block, timeout, &off, &head)
+                if b.len > 65536:
+                    with nogil:
+                        memcpy(self.d.base + off, b.buf, b.len)
+                    if m.closing:
+                        # closed during the copy: Channel.close has already
+                        # told the consumer; do not publish behind its back
+                        self._cancel(head)
+                        raise ValueError("channel was closed while sending")
+                else:
                     memcpy(self.d.base + off, b.buf, b.len)
-            else:
-                memcpy(self.d.base + off, b.buf, b.len)
+            finally:
+                PyBuffer_Release(&b)
+            self._expose(head, off, <uint32_t>b.len)
+            vrd_publish(&self.d)
+            self._kick()
         finally:
-            PyBuffer_Release(&b)
-        self._expose(head, off, <uint32_t>b.len)
-        vrd_publish(&self.d)
-        self._kick()
+            m.leave()
 
     def send_many(self, messages, bint block=True, timeout=None):
         """Send each message; one index publish and at most one kick per run of
@@ -246,10 +267,13 @@ cdef class ChannelSender:
         cdef uint16_t head
         cdef uint32_t n = 0
         cdef int rc
-        if self.d.base == NULL:
-            raise ValueError("channel is closed")
+        cdef _Mapped mp = self.mapped
+        mp.enter()
         try:
             for m in messages:
+                # the iterator runs Python code: it may have closed us
+                if mp.closing:
+                    raise ValueError("channel is closed")
                 PyObject_GetBuffer(m, &b, PyBUF_SIMPLE)
                 try:
                     if <uint64_t>b.len > self.win_size:
@@ -268,23 +292,32 @@ cdef class ChannelSender:
                 n += 1
         finally:
             # whatever happened, the messages already written are delivered
-            if self.d.base != NULL:
+            # (a close can only have come during a wait or from the iterator:
+            # everything before that was published already)
+            if not mp.closing:
                 vrd_publish(&self.d)
                 self._kick()
+            mp.leave()
         return n
 
     def loan(self, Py_ssize_t size, bint block=True, timeout=None):
         """Reserve `size` bytes of shared memory to write into; see Loan."""
         cdef uint64_t off
         cdef uint16_t head
+        cdef Loan ln
         if size < 0:
             raise ValueError("size must be >= 0")
-        self._reserve(<uint64_t>size, block, timeout, &off, &head)
-        cdef Loan ln = Loan.__new__(Loan)
+        ln = Loan.__new__(Loan)          # allocated before the reservation: no leak on MemoryError
+        self.mapped.enter()
+        try:
+            self._reserve(<uint64_t>size, block, timeout, &off, &head)
+        finally:
+            self.mapped.leave()
         ln.tx = self
         ln.head = head
         ln.off = off
         ln.size = size
+        ln.pid = vr_getpid()
         self.n_loans += 1
         self.mapped.pins += 1
         return ln
@@ -296,7 +329,7 @@ cdef class ChannelSender:
 
     def reclaim(self):
         """Take back completed messages now (normally done on demand)."""
-        if self.d.base != NULL and self._reclaim() < 0:
+        if not self.mapped.closing and self._reclaim() < 0:
             raise InvalidRing(EINVAL, _DRIVER_REASONS.get(self.d.err_reason, "ring broken")
                               .format(a=self.d.err_a, b=self.d.err_b), None)
         return self.f_w - self.f_r
@@ -317,7 +350,7 @@ cdef class ChannelSender:
         """For event loops, after send(block=False) raised Full: True = still
         no room for `size` bytes, wait for call_fd; False = room now (and
         disarmed).  Drains call_fd first."""
-        if self.d.base == NULL:
+        if self.mapped.closing:
             raise ValueError("channel is closed")
         _drain_fd(self.call_fd)
         if self._reclaim() < 0:
@@ -333,14 +366,15 @@ cdef class ChannelSender:
 
     def disarm(self):
         """Stop asking for calls (we are polling again)."""
-        if self.d.base != NULL:
+        if not self.mapped.closing:
             vrd_disable_cb(&self.d)
 
     def flush_kick(self):
         """Signal the consumer unconditionally (used on close so a sleeping
         consumer wakes up to notice)."""
-        vrd_publish(&self.d)
-        _signal_fd(self.kick_fd)
+        if not self.mapped.closing:
+            vrd_publish(&self.d)
+            _signal_fd(self.kick_fd)
 
 
 cdef class Loan:
@@ -350,7 +384,12 @@ cdef class Loan:
     commit(n) publishes the first n bytes (default: all).  Leaving a `with`
     block commits, or cancels if the block raised.  Committing while a buffer
     export of the loan is alive raises BufferError: the bytes belong to the
-    consumer from that moment on."""
+    consumer from that moment on.
+
+    After Channel.close() a new export, commit() and cancel()'s publishing are
+    refused (ValueError); exports made before stay valid until released.  In a
+    forked child the loan is the parent's: commit() raises ValueError, and
+    cancel() / dropping it only forget it (shared memory is not touched)."""
     cdef ChannelSender tx
     cdef uint16_t head
     cdef uint64_t off
@@ -358,10 +397,19 @@ cdef class Loan:
     cdef int exports
     cdef bint done
     cdef object _mv
+    cdef uint32_t pid              # the process that took the loan
 
-    def __getbuffer__(self, Py_buffer *buf, int flags):
+    cdef int _check_usable(self) except -1:
         if self.done:
             raise ValueError("loan already committed or cancelled")
+        if self.tx.mapped.closing:
+            raise ValueError("channel is closed")
+        if self.pid != vr_getpid():
+            raise ValueError(f"loan belongs to process {self.pid} (inherited by fork)")
+        return 0
+
+    def __getbuffer__(self, Py_buffer *buf, int flags):
+        self._check_usable()
         PyBuffer_FillInfo(buf, self, self.tx.d.base + self.off, self.size, 0, flags)
         self.exports += 1
 
@@ -376,15 +424,14 @@ cdef class Loan:
         """Segment offset of the loaned bytes."""
         return self.off
 
-    cdef _finish(self):
+    cdef void _finish(self) noexcept:
         self.done = True
         self.tx.n_loans -= 1
         self.tx.mapped.unpin()
 
     def commit(self, nbytes=None):
         """Publish the first nbytes (default all) to the consumer."""
-        if self.done:
-            raise ValueError("loan already committed or cancelled")
+        self._check_usable()
         if self._mv is not None:
             self._mv.release()          # BufferError if someone still holds a view
             self._mv = None
@@ -394,8 +441,6 @@ cdef class Loan:
         cdef uint64_t n = self.size if nbytes is None else nbytes
         if n > self.size:
             raise ValueError(f"cannot commit {n} bytes of a {self.size}-byte loan")
-        if self.tx.d.base == NULL:
-            raise ValueError("channel is closed")
         self.tx._commit(self, n)
         self._finish()
 
@@ -408,7 +453,13 @@ cdef class Loan:
             self._mv = None
         if self.exports:
             raise BufferError("buffer exports of the loan are still alive")
-        if self.tx.d.base != NULL:
+        self._drop()
+
+    cdef void _drop(self) noexcept:
+        # Cancel: the reservation goes back to our allocator (private memory:
+        # nothing shared is written).  Skipped once closed (nothing will be
+        # allocated again) and in a forked child (the allocator is a copy).
+        if not self.tx.mapped.closing and self.pid == vr_getpid():
             self.tx._cancel(self.head)
         self._finish()
 
@@ -429,11 +480,7 @@ cdef class Loan:
         # A loan dropped without commit/cancel: cancel it (exports hold a
         # reference to us, so there are none left here).
         if not self.done and self.tx is not None:
-            if self.tx.d.base != NULL:
-                self.tx._cancel(self.head)
-            self.tx.n_loans -= 1
-            self.tx.mapped.unpin()
-            self.done = True
+            self._drop()
 
 
 cdef class ChannelReceiver:
@@ -461,7 +508,7 @@ cdef class ChannelReceiver:
                   uint64_t features=0, uint64_t max_msg=0xffffffff, uint32_t max_iov=1024,
                   int kick_fd=-1, int call_fd=-1, spin_ns=DEFAULT_SPIN_NS,
                   uint64_t state_off=0):
-        self.mapped = _Mapped(buffer)
+        self.mapped = _Mapped(buffer, "channel")
         _vrh_setup(&self.h, self.mapped, num, desc_off, avail_off, used_off, win_off, win_size,
                    features, max_msg, max_iov, False)
         self.batch = <vr_used_elem *>PyMem_RawCalloc(num, sizeof(vr_used_elem))
@@ -484,14 +531,15 @@ cdef class ChannelReceiver:
         PyMem_RawFree(self.batch)
         PyMem_RawFree(self.riov.seg)
 
-    def close(self):
-        """Stop using the ring.  The mapping stays until the last MessageView
-        is released (views never dangle)."""
-        self.h.base = NULL
-        self.mapped.release()
+    def close(self, finalizer=None):
+        """Stop using the ring (idempotent): later calls raise ValueError, a
+        call blocked in another thread wakes up with ValueError.  The mapping
+        stays until the last call has returned and the last MessageView is
+        released (views never dangle); then `finalizer` runs."""
+        self.mapped.close(finalizer, (self.kick_fd,))
 
     @property
-    def closed(self): return self.h.base == NULL
+    def closed(self): return self.mapped.closing
     @property
     def views_outstanding(self): return self.n_views
     @property
@@ -501,13 +549,13 @@ cdef class ChannelReceiver:
 
     def pending(self):
         """True if a message is waiting (non-blocking, no side effects)."""
-        return self.h.base != NULL and vrh_avail_pending(&self.h)
+        return not self.mapped.closing and vrh_avail_pending(&self.h)
 
     def arm(self):
         """Ask to be kicked on the next message (for select/poll/asyncio on
         kick_fd).  True = still empty (safe to wait on the fd); False = a
         message is already there."""
-        if self.h.base == NULL:
+        if self.mapped.closing:
             raise ValueError("channel is closed")
         _drain_fd(self.kick_fd)
         return vrh_notify_enable(&self.h)
@@ -558,7 +606,7 @@ cdef class ChannelReceiver:
         cdef uint32_t j, rec, k, n = 0
         cdef uint16_t start, cnt, u, a, nxt, fidx
         cdef uint32_t hd
-        if self.h.base == NULL:
+        if self.mapped.closing:
             raise ValueError("channel is closed")
         if self.taken == NULL:
             return 0
@@ -603,10 +651,14 @@ cdef class ChannelReceiver:
 
     cdef int _next(self, bint block, object timeout, uint16_t *head) except -1:
         """Fetch the next chain into self.riov.  1 = got it, 0 = empty (only
-        when not blocking)."""
+        when not blocking).  The caller has entered the mapping.
+
+        self.riov is scratch shared by every thread using this end: the caller
+        reads it before it next releases the GIL or runs Python code (GC-tracked
+        allocations included: a collection may run __del__ and switch threads)."""
         cdef int rc, watched
         cdef int64_t deadline = -2
-        if self.h.base == NULL:
+        if self.mapped.closing:
             raise ValueError("channel is closed")
         while True:
             rc = vrh_getdesc(&self.h, &self.riov, NULL, head)
@@ -614,11 +666,10 @@ cdef class ChannelReceiver:
                 self._fetched(head[0])
                 return 1
             if rc < 0:
-                err = _host_error(&self.h, rc, head[0])
                 if not self.h.err_ring:
                     self._fetched(head[0])
                     self._done(head[0])       # hand the bad chain back, keep going
-                raise err
+                raise _host_error(&self.h, rc, head[0])
             if not block:
                 # Drain and re-arm before reporting empty, so that select() on
                 # kick_fd sleeps until the next message (and never spins).
@@ -642,20 +693,22 @@ cdef class ChannelReceiver:
         """Wait until a message is there (True) or timeout (False) without
         taking it.  Raises PeerDead / ChannelClosed like recv."""
         cdef int rc
-        if self.h.base == NULL:
-            raise ValueError("channel is closed")
-        if vrh_avail_pending(&self.h):
-            return True
-        cdef int64_t deadline = _deadline(timeout)
         cdef int watched
-        while True:
-            watched = self.peer_fd
-            rc = _wait_ring(&self.h, _host_pending, _host_arm, _host_disarm, self.kick_fd,
-                            watched, deadline, self.spin_ns, self.check, 0.1, self.mapped)
-            if rc == 2 and not vrh_avail_pending(&self.h):
-                self._peer_exited(watched)
-                continue
-            return rc != 0
+        cdef int64_t deadline = _deadline(timeout)
+        self.mapped.enter()
+        try:
+            if vrh_avail_pending(&self.h):
+                return True
+            while True:
+                watched = self.peer_fd
+                rc = _wait_ring(&self.h, _host_pending, _host_arm, _host_disarm, self.kick_fd,
+                                watched, deadline, self.spin_ns, self.check, 0.1, self.mapped)
+                if rc == 2 and not vrh_avail_pending(&self.h):
+                    self._peer_exited(watched)
+                    continue
+                return rc != 0
+        finally:
+            self.mapped.leave()
 
     cdef _peer_exited(self, int old):
         # The pidfd `old` we watched became readable.  Ask the channel (it
@@ -670,88 +723,142 @@ cdef class ChannelReceiver:
         if self.peer_fd == old:
             raise PeerDead("the producer exited")
 
+    cdef void _unfetch(self, uint16_t head) noexcept nogil:
+        # Put back the fetch _next just made (it must still be the most recent:
+        # no Python code and no GIL release since).
+        vrh_abandon(&self.h, 1)
+        self._unfetched(head)
+
+    cdef int _copy_out(self, uint8_t *dst, uint64_t total) except -1:
+        """Copy the message _next put in self.riov to dst.  A big single
+        segment is copied without the GIL, from a pointer taken before: the
+        shared riov may be refilled by another thread meanwhile."""
+        cdef const uint8_t *src
+        if self.riov.used == 1 and total > 65536:
+            src = self.h.base + self.riov.seg[0].off
+            with nogil:
+                memcpy(dst, src, total)
+        else:
+            vrh_iov_pull(&self.riov, self.h.base, dst, total)
+        return 0
+
     def recv(self, bint block=True, timeout=None):
         """The next message as bytes (copied out; its buffer returns to the
         producer at once).  Raises Empty when there is none in time."""
         cdef uint16_t head
-        if not self._next(block, timeout, &head):
-            raise Empty()
-        out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>self.riov.total)
-        cdef uint8_t *dst = <uint8_t *>PyBytes_AS_STRING(out)
-        if self.riov.total > 65536:
-            with nogil:
-                vrh_iov_pull(&self.riov, self.h.base, dst, self.riov.total)
-        else:
-            vrh_iov_pull(&self.riov, self.h.base, dst, self.riov.total)
-        self._done(head)
-        return out
+        cdef uint64_t total
+        self.mapped.enter()
+        try:
+            if not self._next(block, timeout, &head):
+                raise Empty()
+            total = self.riov.total
+            try:
+                out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>total)   # not GC-tracked
+            except BaseException:
+                self._unfetch(head)
+                raise
+            self._copy_out(<uint8_t *>PyBytes_AS_STRING(out), total)
+            self._done(head)
+            return out
+        finally:
+            self.mapped.leave()
 
     def recv_into(self, buffer, bint block=True, timeout=None):
         """Copy the next message into a writable buffer; returns its size.
         A message larger than the buffer raises ValueError and stays queued."""
         cdef uint16_t head
+        cdef uint64_t total
         cdef Py_buffer b
         PyObject_GetBuffer(buffer, &b, PyBUF_WRITABLE)   # before taking a message
         try:
-            if not self._next(block, timeout, &head):
-                raise Empty()
-            if <uint64_t>b.len < self.riov.total:
-                vrh_abandon(&self.h, 1)
-                self._unfetched(head)
-                raise ValueError(f"message of {self.riov.total} bytes does not fit a "
-                                 f"{b.len}-byte buffer")
-            with nogil:
-                vrh_iov_pull(&self.riov, self.h.base, <uint8_t *>b.buf, self.riov.total)
+            self.mapped.enter()
+            try:
+                if not self._next(block, timeout, &head):
+                    raise Empty()
+                total = self.riov.total
+                if <uint64_t>b.len < total:
+                    self._unfetch(head)
+                    raise ValueError(f"message of {total} bytes does not fit a "
+                                     f"{b.len}-byte buffer")
+                self._copy_out(<uint8_t *>b.buf, total)
+                self._done(head)
+            finally:
+                self.mapped.leave()
         finally:
             PyBuffer_Release(&b)
-        n = self.riov.total
-        self._done(head)
-        return n
+        return total
 
     def recv_view(self, bint block=True, timeout=None):
         """The next message as a MessageView over shared memory (no copy)."""
         cdef uint16_t head
-        if not self._next(block, timeout, &head):
-            raise Empty()
+        # allocated first: a GC-tracked allocation may run a collection
         cdef MessageView v = MessageView.__new__(MessageView)
-        v.rx = self
-        v.head = head
-        if self.riov.used == 1:
-            v.ptr = self.h.base + self.riov.seg[0].off
-            v.length = self.riov.seg[0].len
-            v.offset = self.riov.seg[0].off
-        elif self.riov.used == 0:
-            v.ptr = self.h.base
-            v.length = 0
-            v.offset = 0
-        else:
-            # Not one of ours (our producer always sends one segment): gather
-            # into private memory so the view is still contiguous.
-            v.copy = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>self.riov.total)
-            vrh_iov_pull(&self.riov, self.h.base, <uint8_t *>PyBytes_AS_STRING(v.copy), self.riov.total)
-            v.ptr = <uint8_t *>PyBytes_AS_STRING(v.copy)
-            v.length = self.riov.total
-            v.offset = 0
-        self.n_views += 1
-        self.mapped.pins += 1
-        return v
+        self.mapped.enter()
+        try:
+            if not self._next(block, timeout, &head):
+                raise Empty()
+            if self.riov.used == 1:
+                v.ptr = self.h.base + self.riov.seg[0].off
+                v.length = self.riov.seg[0].len
+                v.offset = self.riov.seg[0].off
+            elif self.riov.used == 0:
+                v.ptr = self.h.base
+                v.length = 0
+                v.offset = 0
+            else:
+                # Not one of ours (our producer always sends one segment): gather
+                # into private memory so the view is still contiguous.
+                try:
+                    v.copy = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>self.riov.total)
+                except BaseException:
+                    self._unfetch(head)
+                    raise
+                vrh_iov_pull(&self.riov, self.h.base, <uint8_t *>PyBytes_AS_STRING(v.copy),
+                             self.riov.total)
+                v.ptr = <uint8_t *>PyBytes_AS_STRING(v.copy)
+                v.length = self.riov.total
+                v.offset = 0
+            v.head = head
+            v.pid = vr_getpid()
+            v.rx = self                     # from here on the view owns the message
+            self.n_views += 1
+            self.mapped.pins += 1
+            return v
+        finally:
+            self.mapped.leave()
 
     def recv_many(self, Py_ssize_t max_messages=1 << 30, bint block=True, timeout=None):
         """Wait for at least one message, then take up to max_messages that are
         already there: one used-index update and one notification for all."""
         cdef uint16_t head
-        cdef uint32_t n = 0, cap
-        cdef int rc
         if max_messages < 1:
             raise ValueError("max_messages must be >= 1")
-        if not self._next(block, timeout, &head):
-            raise Empty()
-        out = []
+        out = []                            # GC-tracked: allocated before fetching
+        self.mapped.enter()
+        try:
+            if not self._next(block, timeout, &head):
+                raise Empty()
+            return self._take_many(out, head, max_messages)
+        finally:
+            self.mapped.leave()
+
+    cdef list _take_many(self, list out, uint16_t head, Py_ssize_t max_messages):
+        # From the first fetch to the completion no Python code runs and the
+        # GIL is kept (bytes objects and list growth do not start a collection):
+        # self.riov and self.batch are scratch shared by every thread.
+        cdef uint32_t n = 0, cap
+        cdef int rc
         cap = self.h.num if <uint64_t>max_messages > self.h.num else <uint32_t>max_messages
         while True:
-            data = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>self.riov.total)
+            try:
+                data = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>self.riov.total)
+                out.append(data)
+            except BaseException:
+                self._unfetch(head)
+                if n:
+                    break                   # deliver what we have; the error comes back next call
+                raise
             vrh_iov_pull(&self.riov, self.h.base, <uint8_t *>PyBytes_AS_STRING(data), self.riov.total)
-            out.append(data)
             self.batch[n].id = head
             self.batch[n].len = 0
             n += 1
@@ -771,8 +878,11 @@ cdef class ChannelReceiver:
         return out
 
     cdef _release_view(self, MessageView v):
+        # Completing is the only shared-memory write: never after close (a new
+        # consumer may have recovered the head) nor in a forked child (the view
+        # is the parent's, and the parent may still be reading it).
         self.n_views -= 1
-        if self.h.base != NULL:
+        if not self.mapped.closing and v.pid == vr_getpid():
             self._done(v.head)
         self.mapped.unpin()
 
@@ -784,7 +894,12 @@ cdef class MessageView:
     Its buffer goes back to the producer when you call release() (or leave a
     `with` block) AND no memoryview / array made from it is alive any more; if
     you simply drop every reference, that happens when it is garbage-collected.
-    Until then later traffic can never overwrite it."""
+    Until then later traffic can never overwrite it.
+
+    It stays readable after Channel.close() (it keeps the mapping) until it is
+    released; then nothing goes back (the channel is closed).  A view inherited
+    by a forked child is the parent's: releasing or dropping it in the child
+    gives nothing back, so the parent's bytes stay put."""
     cdef ChannelReceiver rx
     cdef uint16_t head
     cdef uint8_t *ptr
@@ -794,6 +909,7 @@ cdef class MessageView:
     cdef bint release_requested
     cdef bint released
     cdef object copy
+    cdef uint32_t pid              # the process that received it
 
     def __getbuffer__(self, Py_buffer *buf, int flags):
         if self.released:
@@ -810,7 +926,8 @@ cdef class MessageView:
 
     cdef _give_back(self):
         self.released = True
-        self.rx._release_view(self)
+        if self.rx is not None:
+            self.rx._release_view(self)
 
     def release(self):
         """Give the buffer back now, or as soon as the last export of it goes."""
@@ -848,9 +965,8 @@ cdef class MessageView:
         return False
 
     def __dealloc__(self):
-        if not self.released and self.rx is not None:
-            self.released = True
-            self.rx._release_view(self)
+        if not self.released:
+            self._give_back()
 
     def __repr__(self):
         state = "released" if self.released else f"{self.exports} exports"

@@ -165,7 +165,59 @@ cdef enum:
     LOCK_SLICE_NS = 20_000_000     # a lock waiter checks signals / deadline / close this often
 
 LOCK_TID_MASK = VR_LOCK_TID_MASK   # owner thread id bits of a lock word (tests, tools)
+_os_strerror = __import__("os").strerror
 KINDS = {"pickle": MSG_PICKLE, "custom": MSG_CUSTOM, "raw_bytes": MSG_RAW_BYTES}
+
+cdef extern from "<sys/mman.h>" nogil:
+    int madvise(void *addr, size_t length, int advice)
+    enum:
+        MADV_REMOVE
+cdef extern from *:
+    """
+    #ifndef MADV_POPULATE_WRITE
+    #define MADV_POPULATE_WRITE 23
+    #endif
+    """
+    enum:
+        MADV_POPULATE_WRITE
+
+# The arena is committed in chunks as data arrives (memory follows the data):
+# a chunk is reserved (MADV_POPULATE_WRITE: "no memory" becomes an errno here
+# instead of SIGBUS or the OOM killer at first touch) by the producer that
+# first writes into it, and given back (MADV_REMOVE) when the queue is empty,
+# except the first RETAIN bytes, which a queue in steady use keeps.  The
+# allocator prefers low offsets: an empty queue restarts at the arena's start,
+# and a queue with little in flight wraps early, so a steady stream stays in
+# the retained chunks whatever the capacity.
+cdef enum:
+    CHUNK_SHIFT = 20                       # 1 MiB chunks
+    RETAIN_CHUNKS = 4                      # kept when the queue drains
+    BATCH_MARK = 0xFFFFFFFF                # header word 0 of a batch (never a buffer count)
+    BATCH_KIND = 0x48435442                # "BTCH", header word 1
+    REC_HDR = 64                           # batch record header: u64 message length
+    EXT_N = 0                              # (reserved for pinned extents)
+    # window side area, before the data region:
+    W_PUTS = 0                             # u64 messages published (producer line)
+    W_CHUNKS = 8                           # u64 chunks reserved now (producer line)
+    W_TAKES = 64                           # u64 messages taken (consumer line)
+    W_CURSOR = 72                          # u64 batch cursor: used idx | position << 16
+    W_CTRL = 128
+cdef uint64_t REC_SKIP = 0xFFFFFFFFFFFFFFFFULL  # batch record: continue at the next lap
+
+
+cdef inline uint64_t _side_bytes(uint64_t num, uint64_t win_size) noexcept nogil:
+    """Bytes at the start of a queue window before its data region: control
+    words, slot_start[num] (u64), held[num] (u32), the chunk bitmap; page
+    aligned so that chunks can be reserved and removed page-wise."""
+    cdef uint64_t nchunks = (win_size >> CHUNK_SHIFT) + 1
+    cdef uint64_t b = W_CTRL + num * (sizeof(uint64_t) + sizeof(uint32_t))
+    b = _align_up(b, 8) + ((nchunks + 63) // 64) * 8
+    return _align_up(b, 4096)
+
+
+def queue_window_overhead(uint64_t num, uint64_t capacity):
+    """Window bytes a queue needs besides `capacity` bytes of data."""
+    return _side_bytes(num, capacity + 4096 + num * 12 + (capacity >> 20)) + 4096
 
 
 cdef inline bint _pid_dead(uint32_t pid) noexcept nogil:
@@ -263,6 +315,13 @@ cdef class QueueCore:
     cdef vr_used *used
     cdef uint64_t *slot_start    # [num] shared: arena position of message i
     cdef uint32_t *held          # [num] shared: pid holding message i's bytes (0 = none)
+    cdef uint64_t *chunk_map     # shared bitmap: arena chunks reserved now
+    cdef uint64_t *puts          # shared: messages published (approximate after a kill)
+    cdef uint64_t *takes         # shared: messages taken
+    cdef uint64_t *chunks_held   # shared: chunks reserved now
+    cdef uint64_t *cursor        # shared: consumers' place inside a batch
+    cdef uint64_t nchunks
+    cdef bint batching           # several messages may share one descriptor (see _put_batch)
     cdef uint64_t data_off       # arena bytes for messages: [data_off, data_off + data_size)
     cdef uint64_t data_size
     cdef uint64_t pos_mod        # positions count modulo this multiple of data_size
@@ -292,19 +351,27 @@ cdef class QueueCore:
                   spin_ns=DEFAULT_SPIN_NS):
         self.mapped = _Mapped(buffer, "queue")
         check_ring_geometry(self.mapped.size, num, desc_off, avail_off, used_off, win_off, win_size)
-        cdef uint64_t side = _align_up(num * (sizeof(uint64_t) + sizeof(uint32_t)), ALLOC_ALIGN)
-        if win_size <= side + ALLOC_ALIGN:
-            raise ValueError("queue arena too small")
+        cdef uint64_t side = _side_bytes(num, win_size)
+        if win_off % 4096 or win_size <= side + 4096:
+            raise ValueError("queue arena too small (or not page aligned)")
         self.base = self.mapped.base
         self.num = num
         self.mask = num - 1
         self.desc = <vr_desc *>(self.base + desc_off)
         self.avail = <vr_avail *>(self.base + avail_off)
         self.used = <vr_used *>(self.base + used_off)
-        self.slot_start = <uint64_t *>(self.base + win_off)
-        self.held = <uint32_t *>(self.base + win_off + num * sizeof(uint64_t))
+        self.puts = <uint64_t *>(self.base + win_off + W_PUTS)
+        self.chunks_held = <uint64_t *>(self.base + win_off + W_CHUNKS)
+        self.takes = <uint64_t *>(self.base + win_off + W_TAKES)
+        self.cursor = <uint64_t *>(self.base + win_off + W_CURSOR)
+        self.slot_start = <uint64_t *>(self.base + win_off + W_CTRL)
+        self.held = <uint32_t *>(self.base + win_off + W_CTRL + num * sizeof(uint64_t))
+        self.chunk_map = <uint64_t *>(self.base + win_off + _align_up(
+            W_CTRL + num * (sizeof(uint64_t) + sizeof(uint32_t)), 8))
         self.data_off = win_off + side
-        self.data_size = (win_size - side) & ~(<uint64_t>ALLOC_ALIGN - 1)
+        self.data_size = (win_size - side) & ~(<uint64_t>4095)
+        self.nchunks = (self.data_size + (1ULL << CHUNK_SHIFT) - 1) >> CHUNK_SHIFT
+        self.batching = maxsize == 0 or maxsize >= num
         self.pos_mod = ((1ULL << POS_BITS) // self.data_size) * self.data_size
         self.plock = <uint64_t *>(self.base + Q_PLOCK_OFF)
         self.pstate = <uint64_t *>(self.base + Q_PSTATE_OFF)
@@ -327,6 +394,7 @@ cdef class QueueCore:
                 raise OSError(EXDEV, "this queue was created in another PID namespace: its "
                               "lock owners (thread ids) cannot be told apart from here")
         self.maxsize = vr_load_relaxed_u64(<uint64_t *>(self.base + Q_MAXSIZE_OFF))
+        self.batching = self.maxsize == 0 or self.maxsize >= num
         # The private walker validates every chain like VringHost does: a
         # message's bytes must lie in the data region.
         _vrh_setup(&self.h, self.mapped, num, desc_off, avail_off, used_off, self.data_off,
@@ -359,6 +427,11 @@ cdef class QueueCore:
     @property
     def max_message(self):
         """Largest message (header + pickle + buffers) the arena can hold."""
+        return min(self.data_size - 2 * REC_HDR, self.h.max_msg)
+
+    @property
+    def arena_bytes(self):
+        """Bytes of the data region (the capacity, rounded to pages)."""
         return self.data_size
 
     @property
@@ -371,12 +444,20 @@ cdef class QueueCore:
 
     # --- sizes (from the ring indices: work everywhere, even after close) --------
     def qsize(self):
-        """Messages published and not yet taken (approximate, like mp.Queue)."""
-        # used first: a racing get between the two loads cannot make a < u
-        cdef uint16_t u = vr_load_acquire_u16(&self.used.idx)
-        cdef uint16_t a = vr_load_acquire_u16(&self.avail.idx)
-        cdef uint16_t n = <uint16_t>(a - u)
-        return n if n <= self.num else self.num
+        """Messages published and not yet taken (approximate, like mp.Queue:
+        a process killed inside a put or get can leave it off by one)."""
+        return self._count()
+
+    cdef inline uint64_t _count(self) noexcept nogil:
+        # takes first: a racing get between the two loads cannot make it negative
+        cdef uint64_t t = vr_load_acquire_u64(self.takes)
+        cdef uint64_t p = vr_load_acquire_u64(self.puts)
+        return p - t if p > t else 0
+
+    @property
+    def reserved_bytes(self):
+        """Arena bytes committed now (chunks reserved by producers)."""
+        return min(vr_load_relaxed_u64(self.chunks_held), self.nchunks) << CHUNK_SHIFT
 
     def held_messages(self):
         """Taken messages whose bytes are still pinned by zero-copy views."""
@@ -471,54 +552,208 @@ cdef class QueueCore:
         vr_store_relaxed_u32(self.reclaim, r)
         return r
 
-    cdef int _try_put(self, const uint8_t **srcs, const uint64_t *lens, uint32_t nparts,
-                      uint64_t total) noexcept nogil:
-        """Under the producer lock: place and publish one message (part 0 at
-        offset 0, every later part at the next 64-byte boundary).
-        0 = published, -ENOSPC = no room (ring, maxsize or arena)."""
+    # --- arena chunks ------------------------------------------------------------------
+    cdef inline bint _chunk_on(self, uint64_t c) noexcept nogil:
+        return (self.chunk_map[c >> 6] >> (c & 63)) & 1
+
+    cdef int _reserve(self, uint64_t o, uint64_t n) noexcept nogil:
+        """Under the producer lock: commit the chunks under region offsets
+        [o, o + n).  0, or -errno (ENOMEM, EFAULT: no memory to be had)."""
+        cdef uint64_t c = o >> CHUNK_SHIFT
+        cdef uint64_t last = (o + n - 1) >> CHUNK_SHIFT
+        cdef uint64_t start, ln
+        while c <= last:
+            if not self._chunk_on(c):
+                start = c << CHUNK_SHIFT
+                ln = self.data_size - start
+                if ln > (1ULL << CHUNK_SHIFT):
+                    ln = 1ULL << CHUNK_SHIFT
+                if madvise(self.base + self.data_off + start, ln, MADV_POPULATE_WRITE) != 0:
+                    if errno != EINVAL:          # EINVAL: a kernel before 5.14 (pages
+                        return -errno            # then come on first touch, unreserved)
+                self.chunk_map[c >> 6] |= 1ULL << (c & 63)
+                self.chunks_held[0] += 1
+            c += 1
+        return 0
+
+    cdef void _trim(self) noexcept nogil:
+        """Under the producer lock with nothing in flight: give back every
+        chunk past the retained ones."""
+        cdef uint64_t c, start, ln
+        if self.chunks_held[0] <= RETAIN_CHUNKS:
+            return
+        for c in range(RETAIN_CHUNKS, self.nchunks):
+            if self._chunk_on(c):
+                start = c << CHUNK_SHIFT
+                ln = self.data_size - start
+                if ln > (1ULL << CHUNK_SHIFT):
+                    ln = 1ULL << CHUNK_SHIFT
+                madvise(self.base + self.data_off + start, ln, MADV_REMOVE)
+                self.chunk_map[c >> 6] &= ~(1ULL << (c & 63))
+                self.chunks_held[0] -= 1
+
+    cdef void _drained(self) noexcept nogil:
+        """Under the producer lock: if nothing is in flight, give back the
+        chunks past the retained ones and restart at the arena's start."""
         cdef uint64_t st = vr_load_relaxed_u64(self.pstate)
         cdef uint16_t a = <uint16_t>(st & 0xffff)
-        cdef uint64_t head_pos = st >> 16
-        cdef uint16_t r, u
-        cdef uint64_t asz, p, o, tail_pos, pos, k
-        cdef uint8_t *dst
-        r = self._reclaim(a)
-        if <uint16_t>(a - r) >= self.num:
-            return -ENOSPC
-        if self.maxsize:
-            u = vr_load_relaxed_u16(&self.used.idx)
-            if <uint16_t>(a - u) >= self.maxsize:
-                return -ENOSPC
-        asz = _align_up(total, ALLOC_ALIGN)
-        p = head_pos
-        if p >= self.pos_mod:
-            p %= self.pos_mod                        # a corrupt head cannot send us astray
+        cdef uint64_t p = st >> 16
+        if self._reclaim(a) != a or p >= self.pos_mod:
+            return
+        self._trim()
+        if p % self.data_size:
+            p = self._pos_add(p, self.data_size - p % self.data_size)
+            vr_store_release_u64(self.pstate, (<uint64_t>a) | (p << 16))
+
+    cdef void _trim_if_drained(self) noexcept nogil:
+        """After a get that emptied a queue holding more than the retained
+        chunks: trim now rather than at the next put, which may never come."""
+        if vr_load_relaxed_u64(self.chunks_held) <= RETAIN_CHUNKS or self._count() != 0:
+            return
+        if vr_lock_try(self.plock, vr_lock_me()):
+            self._drained()
+            vr_lock_release(self.plock)
+
+    cdef int _place(self, uint64_t *pp, uint64_t need, uint64_t tail_pos, bint empty) noexcept nogil:
+        """Choose where `need` bytes go, starting from position *pp: skip the
+        region's end, prefer low offsets (restart at the start when nothing is
+        in flight; wrap early when little is), check room against tail_pos,
+        commit the chunks.  *pp = the position; 0, -ENOSPC or -errno."""
+        cdef uint64_t p = pp[0], o, p2, soft
+        if p >= self.pos_mod or tail_pos >= self.pos_mod:
+            return -ENOSPC                       # corrupt state: never write astray
         o = p % self.data_size
-        if o + asz > self.data_size:
+        if empty:
+            if o:
+                p = self._pos_add(p, self.data_size - o)
+                o = 0
+            tail_pos = p
+            self._trim()
+        elif o + need > self.data_size:
             p = self._pos_add(p, self.data_size - o)   # skip the region's tail end
             o = 0
-        tail_pos = p if r == a else vr_load_relaxed_u64(&self.slot_start[r & self.mask])
-        if tail_pos >= self.pos_mod or self._pos_diff(self._pos_add(p, asz), tail_pos) > self.data_size:
+        else:
+            soft = 2 * (self._pos_diff(p, tail_pos) + need)
+            if soft < (RETAIN_CHUNKS << CHUNK_SHIFT):
+                soft = RETAIN_CHUNKS << CHUNK_SHIFT
+            if o and o + need > soft:
+                p2 = self._pos_add(p, self.data_size - o)      # wrap early
+                if self._pos_diff(self._pos_add(p2, need), tail_pos) <= self.data_size:
+                    p = p2
+                    o = 0
+        if self._pos_diff(self._pos_add(p, need), tail_pos) > self.data_size:
             return -ENOSPC
-        # Write the message: parts back to back, each 64-byte aligned.
-        dst = self.base + self.data_off + o
-        pos = 0
+        pp[0] = p
+        return self._reserve(o, need)
+
+    cdef inline void _copy_parts(self, uint8_t *dst, const uint8_t **srcs, const uint64_t *lens,
+                                 uint32_t nparts) noexcept nogil:
+        # parts back to back, each 64-byte aligned
+        cdef uint64_t pos = 0, k
         for k in range(nparts):
             if k:
                 pos = _align_up(pos, ALLOC_ALIGN)
             memcpy(dst + pos, srcs[k], lens[k])
             pos += lens[k]
+
+    cdef int _try_put(self, const uint8_t **srcs, const uint64_t *lens, uint32_t nparts,
+                      uint64_t total) noexcept nogil:
+        """Under the producer lock: place and publish one message (part 0 at
+        offset 0, every later part at the next 64-byte boundary).
+        0 = published, -ENOSPC = no room (ring, maxsize or arena), -errno =
+        no memory for the arena chunk."""
+        cdef uint64_t st = vr_load_relaxed_u64(self.pstate)
+        cdef uint16_t a = <uint16_t>(st & 0xffff)
+        cdef uint64_t p = st >> 16
+        cdef uint16_t r
+        cdef uint64_t asz, need, o, tail_pos
+        cdef uint8_t *dst
+        cdef bint batch
+        cdef int rc
+        r = self._reclaim(a)
+        if self.maxsize and self._count() >= self.maxsize:
+            return -ENOSPC
+        if <uint16_t>(a - r) >= self.num:
+            if not self.batching:
+                return -ENOSPC
+            return self._put_batch(srcs, lens, nparts, total, a, r, p)
+        # The last free slot starts a batch (see _put_batch) when batching:
+        # the ring never limits how many messages a queue holds.
+        batch = self.batching and <uint16_t>(a - r) == self.num - 1
+        asz = _align_up(total, ALLOC_ALIGN)
+        need = 2 * REC_HDR + asz if batch else asz
+        tail_pos = p if r == a else vr_load_relaxed_u64(&self.slot_start[r & self.mask])
+        rc = self._place(&p, need, tail_pos, r == a)
+        if rc < 0:
+            return rc
+        o = p % self.data_size
+        dst = self.base + self.data_off + o
+        if batch:
+            (<uint32_t *>dst)[0] = BATCH_MARK
+            (<uint32_t *>dst)[1] = BATCH_KIND
+            (<uint64_t *>(dst + REC_HDR))[0] = total
+            self._copy_parts(dst + 2 * REC_HDR, srcs, lens, nparts)
+        else:
+            self._copy_parts(dst, srcs, lens, nparts)
         self.desc[a & self.mask].addr = self.data_off + o
-        self.desc[a & self.mask].len = <uint32_t>total
+        self.desc[a & self.mask].len = <uint32_t>(REC_HDR if batch else total)
         self.desc[a & self.mask].flags = 0
         self.desc[a & self.mask].next = 0
         self.slot_start[a & self.mask] = p
         vr_store_relaxed_u16(&self.avail.ring[a & self.mask], <uint16_t>(a & self.mask))
         # The commit point (release): the message above is complete before it.
         vr_store_release_u64(self.pstate, (<uint64_t>(<uint16_t>(a + 1))) |
-                             (self._pos_add(p, asz) << 16))
+                             (self._pos_add(p, need) << 16))
         # Barrier A (release): pairs with the consumer's acquire of avail->idx.
         vr_store_release_u16(&self.avail.idx, <uint16_t>(a + 1))
+        vr_store_release_u64(self.puts, vr_load_relaxed_u64(self.puts) + 1)
+        return 0
+
+    cdef int _put_batch(self, const uint8_t **srcs, const uint64_t *lens, uint32_t nparts,
+                        uint64_t total, uint16_t a, uint16_t r, uint64_t p) noexcept nogil:
+        """The ring is full: append the message to the newest descriptor,
+        a batch.  A batch is one descriptor whose bytes are a 64-byte header
+        (BATCH_MARK, BATCH_KIND) followed by records, each a 64-byte header
+        holding the message length (or REC_SKIP: go on at the next lap) and
+        the message; its records run up to the producers' committed head
+        position (or to the next descriptor's start).  The commit is the same
+        single store as for any message: PROD_STATE's head position moves
+        (avail idx unchanged), so a producer killed before it leaves nothing
+        visible and nothing that the next one does not overwrite."""
+        cdef uint16_t newest = <uint16_t>(a - 1) & self.mask
+        cdef uint64_t bstart = vr_load_relaxed_u64(&self.slot_start[newest])
+        cdef uint64_t tail_pos = vr_load_relaxed_u64(&self.slot_start[r & self.mask])
+        cdef uint64_t need = REC_HDR + _align_up(total, ALLOC_ALIGN)
+        cdef uint64_t o, p2
+        cdef uint8_t *b
+        cdef int rc
+        if bstart >= self.pos_mod or p >= self.pos_mod or tail_pos >= self.pos_mod:
+            return -ENOSPC
+        b = self.base + self.data_off + bstart % self.data_size
+        if (<uint32_t *>b)[0] != BATCH_MARK or (<uint32_t *>b)[1] != BATCH_KIND:
+            return -ENOSPC                       # not a batch (cannot happen): wait
+        o = p % self.data_size
+        if o + need > self.data_size:
+            # Continue at the next lap; a skip record tells the consumers.
+            p2 = self._pos_add(p, self.data_size - o)
+            if self._pos_diff(self._pos_add(p2, need), tail_pos) > self.data_size:
+                return -ENOSPC
+            rc = self._reserve(o, REC_HDR)
+            if rc < 0:
+                return rc
+            (<uint64_t *>(self.base + self.data_off + o))[0] = REC_SKIP
+            p = p2
+            o = 0
+        elif self._pos_diff(self._pos_add(p, need), tail_pos) > self.data_size:
+            return -ENOSPC
+        rc = self._reserve(o, need)
+        if rc < 0:
+            return rc
+        (<uint64_t *>(self.base + self.data_off + o))[0] = total
+        self._copy_parts(self.base + self.data_off + o + REC_HDR, srcs, lens, nparts)
+        # The commit point (release), as in _try_put; consumers acquire it.
+        vr_store_release_u64(self.pstate, (<uint64_t>a) | (self._pos_add(p, need) << 16))
+        vr_store_release_u64(self.puts, vr_load_relaxed_u64(self.puts) + 1)
         return 0
 
     cdef inline void _wake(self, uint32_t *sleepers, int fd) noexcept nogil:
@@ -529,9 +764,11 @@ cdef class QueueCore:
         if vr_load_relaxed_u32(sleepers) != 0:
             _signal_fd(fd)
 
-    cdef int _spin(self, uint16_t *idx, uint16_t while_equal, int64_t deadline) except -1:
-        """Busy-wait (GIL released) up to spin_ns for *idx to leave
-        `while_equal`, in 20 ms slices with a signal and close check between."""
+    cdef int _spin(self, uint64_t *word, int64_t deadline) except -1:
+        """Busy-wait (GIL released) up to spin_ns for the counter *word (puts
+        or takes) to move, in 20 ms slices with a signal and close check
+        between them."""
+        cdef uint64_t seen = vr_load_relaxed_u64(word)
         cdef int64_t left = self.spin_ns
         cdef int64_t end
         cdef bint moved = False
@@ -541,7 +778,7 @@ cdef class QueueCore:
                 end = deadline
             with nogil:
                 while <int64_t>vr_now_ns() < end:
-                    if vr_load_relaxed_u16(idx) != while_equal:
+                    if vr_load_relaxed_u64(word) != seen:
                         moved = True
                         break
                     vr_cpu_relax()
@@ -607,21 +844,29 @@ cdef class QueueCore:
         cdef int64_t lock_deadline = _deadline(timeout) if (block and timeout is not None) else -1
         for k in range(n):
             total = (_align_up(total, ALLOC_ALIGN) if k else 0) + lens[k]
-        if total > self.data_size or total > self.h.max_msg:
+        if total + 2 * REC_HDR > self.data_size or total > self.h.max_msg:
             raise MessageTooLarge(f"message of {total} bytes can never fit: the queue "
-                                  f"holds at most {min(self.data_size, self.h.max_msg)} bytes")
+                                  f"holds at most {self.max_message} bytes")
         self.mapped.enter()
         try:
             while True:
                 rc = self._put_once(srcs, lens, n, total, lock_deadline)
                 if rc == 0:
                     return 0
+                if rc != -ENOSPC and rc != -ETIMEDOUT:
+                    raise MemoryError(f"cannot commit shared memory for a {total}-byte message "
+                                      f"({_os_strerror(-rc)}): the machine, its memory cgroup "
+                                      f"or /dev/shm is out of memory")
+                if rc == -ENOSPC and self.maxsize == 0:
+                    # An unbounded queue never blocks and never raises Full:
+                    # only its arena (capacity bytes in flight) can run out.
+                    raise MemoryError(self._arena_full_message(total))
                 if not block or rc == -ETIMEDOUT:
                     raise Full()
                 if deadline == -2:
                     # brief spin: room usually appears within microseconds
                     deadline = _deadline(timeout)
-                    self._spin(&self.used.idx, vr_load_relaxed_u16(&self.used.idx), deadline)
+                    self._spin(self.takes, deadline)
                     continue
                 # Announce ourselves, then try once more: a consumer that freed
                 # room before seeing the announcement is caught by this retry,
@@ -644,6 +889,13 @@ cdef class QueueCore:
                     raise Full()
         finally:
             self.mapped.leave()
+
+    def _arena_full_message(self, uint64_t total):
+        held = self.held_messages()
+        why = (f"; {held} message(s) are still held by zero-copy results (get_nocopy), "
+               "which keeps their bytes and everything after them in use") if held else ""
+        return (f"queue arena full: no room for a {total}-byte message among "
+                f"{self.data_size} bytes of capacity{why}")
 
     def put_parts(self, parts, bint block=True, timeout=None):
         """Publish one message made of the buffers in `parts` (see _put_c)."""
@@ -773,12 +1025,18 @@ cdef class QueueCore:
         return _parse_message(msg)
 
     # --- consumer ------------------------------------------------------------------
-    cdef int _get_begin(self, uint16_t *head) noexcept nogil:
-        """Under the consumer lock: look at the next message (walk it into
-        self.riov).  1 = there is one (lock still held), 0 = empty, <0 = ring
-        corrupt (*head: the offending index).  0 and <0 release the lock."""
+    cdef int _get_begin(self, uint16_t *head, uint64_t *moff, uint64_t *mlen,
+                        uint64_t *next_pos) noexcept nogil:
+        """Under the consumer lock: look at the next message.  1 = a message
+        of its own, walked into self.riov; 2 = a record of the batch at
+        `head`: [moff, +mlen) in the segment, the batch cursor goes to
+        next_pos (see _batch_commit); both keep the lock.  3 = an exhausted
+        batch was completed (lock released, look again); 0 = empty; <0 = ring
+        or message corrupt (*head: the offending index).  0, 3 and <0 release
+        the lock."""
         cdef uint16_t u, a
         cdef int rc
+        cdef const uint8_t *b
         u = vr_load_relaxed_u16(&self.used.idx)
         # Barrier A (acquire): pairs with the producer's release of avail->idx.
         a = vr_load_acquire_u16(&self.avail.idx)
@@ -806,11 +1064,90 @@ cdef class QueueCore:
         if rc < 0:
             # A malformed message is consumed (reported to the caller) so
             # that it cannot wedge the queue.
-            self._get_commit(0, head[0])
+            self._get_commit(0, head[0], 1)
             return rc
+        if self.riov.used == 1 and self.riov.seg[0].len >= 8:
+            b = self.base + self.riov.seg[0].off
+            if (<const uint32_t *>b)[0] == BATCH_MARK and (<const uint32_t *>b)[1] == BATCH_KIND:
+                return self._batch_next(u, head[0], moff, mlen, next_pos)
         return 1
 
-    cdef void _get_commit(self, uint32_t holder, uint16_t head) noexcept nogil:
+    cdef int _batch_next(self, uint16_t u, uint16_t head, uint64_t *moff, uint64_t *mlen,
+                         uint64_t *next_pos) noexcept nogil:
+        """The next record of the batch at used index u (see _put_batch).
+        Everything read from shared memory is checked: positions inside the
+        batch's span, records inside the data region."""
+        # One acquire load of PROD_STATE gives both whether the batch is the
+        # newest descriptor and, if so, where its records end (pairs with
+        # the producers' release store of it).
+        cdef uint64_t st = vr_load_acquire_u64(self.pstate)
+        cdef bint newest = <uint16_t>(st & 0xffff) == <uint16_t>(u + 1)
+        cdef uint64_t bstart = vr_load_relaxed_u64(&self.slot_start[u & self.mask])
+        cdef uint64_t end = (st >> 16) if newest else \
+            vr_load_relaxed_u64(&self.slot_start[<uint16_t>(u + 1) & self.mask])
+        cdef uint64_t cur = vr_load_relaxed_u64(self.cursor)
+        cdef uint64_t cpos, span, o, ln, k
+        if bstart >= self.pos_mod or end >= self.pos_mod or \
+                self.data_off + bstart % self.data_size != self.riov.seg[0].off:
+            self._get_commit(0, head, 1)
+            return vrh_fail(&self.h, EINVAL, D_ADDR, bstart, end, False)
+        span = self._pos_diff(end, bstart)
+        cpos = (cur >> 16) if <uint16_t>(cur & 0xffff) == u else self._pos_add(bstart, REC_HDR)
+        for k in range(3):                     # at most one skip record in a row
+            if cpos >= self.pos_mod or self._pos_diff(cpos, bstart) > span or span > self.data_size:
+                break
+            if cpos == end:
+                if newest:
+                    # All taken.  Producers append to this batch only while
+                    # the ring is full; with their lock (tried, never waited
+                    # for: we hold ours) it can be completed safely, which
+                    # frees its slot and lets the drained arena be trimmed.
+                    if vr_lock_try(self.plock, vr_lock_me()):
+                        if vr_load_relaxed_u64(self.pstate) == st:
+                            self._get_commit(0, head, 0)
+                            self._drained()
+                        else:
+                            vr_lock_release(self.clock_)
+                        vr_lock_release(self.plock)
+                    else:
+                        vr_lock_release(self.clock_)
+                    return 0
+                self._get_commit(0, head, 0)   # exhausted: the next descriptor follows
+                return 3
+            o = cpos % self.data_size
+            if o + REC_HDR > self.data_size or self._pos_diff(end, cpos) < REC_HDR:
+                break
+            ln = (<const uint64_t *>(self.base + self.data_off + o))[0]
+            if ln == REC_SKIP:
+                cpos = self._pos_add(cpos, self.data_size - o)
+                continue
+            if ln > self.data_size - o - REC_HDR or \
+                    REC_HDR + _align_up(ln, ALLOC_ALIGN) > self._pos_diff(end, cpos) or \
+                    ln > self.h.max_msg:
+                break
+            moff[0] = self.data_off + o + REC_HDR
+            mlen[0] = ln
+            next_pos[0] = self._pos_add(cpos, REC_HDR + _align_up(ln, ALLOC_ALIGN))
+            if next_pos[0] == end and not newest:
+                next_pos[0] = REC_SKIP         # the last record: completing commits it
+            return 2
+        # A corrupt batch is consumed whole, like any malformed message.
+        self._get_commit(0, head, 1)
+        return vrh_fail(&self.h, EINVAL, D_ADDR, cpos, end, False)
+
+    cdef void _batch_commit(self, uint16_t head, uint64_t next_pos) noexcept nogil:
+        """Commit taking one batch record: the cursor store is the commit
+        point (release; the next consumer acquires nothing else from us),
+        or for the batch's last record, completing the descriptor."""
+        cdef uint16_t u = vr_load_relaxed_u16(&self.used.idx)
+        if next_pos == REC_SKIP:
+            self._get_commit(0, head, 1)
+            return
+        vr_store_release_u64(self.cursor, (<uint64_t>u) | (next_pos << 16))
+        vr_store_release_u64(self.takes, vr_load_relaxed_u64(self.takes) + 1)
+        vr_lock_release(self.clock_)
+
+    cdef void _get_commit(self, uint32_t holder, uint16_t head, int took) noexcept nogil:
         """Record the holder, commit (used->idx), release the lock, wake producers."""
         cdef uint16_t u = vr_load_relaxed_u16(&self.used.idx)
         if self.held[u & self.mask] != holder:     # avoid dirtying a line producers read
@@ -820,6 +1157,8 @@ cdef class QueueCore:
         # The commit point (release): our reads of the message and HELD[] are
         # ordered before producers may reuse its bytes (they acquire used->idx).
         vr_store_release_u16(&self.used.idx, <uint16_t>(u + 1))
+        if took:
+            vr_store_release_u64(self.takes, vr_load_relaxed_u64(self.takes) + 1)
         vr_lock_release(self.clock_)
         self._wake(self.put_sleepers, self.call_fd)
         # Several consumers sleep on one eventfd and the first one up drains
@@ -828,15 +1167,24 @@ cdef class QueueCore:
                 vr_load_relaxed_u16(&self.avail.idx) != <uint16_t>(u + 1):
             _signal_fd(self.kick_fd)
 
+    cdef void _commit_taken(self, int rc, uint32_t holder, uint16_t head,
+                            uint64_t next_pos) noexcept nogil:
+        if rc == 2:
+            self._batch_commit(head, next_pos)
+        else:
+            self._get_commit(holder, head, 1)
+        self._trim_if_drained()
+
     cdef object _take(self, bint block, object timeout, bint hold, uint32_t *kind):
         """Take the next message.  Returns bytes (the main payload of a
         message without buffers; its kind in *kind), or the whole message as
         a bytearray copy, or with hold=True as a HeldMessage pinning its bytes
-        in shared memory.  Everything allocated before the lock is taken or
-        with plain allocators (bytes/bytearray run no Python code and no GC)."""
+        in shared memory (a message packed in a batch is copied even then).
+        Everything is allocated before the lock is taken or with allocators
+        that run no Python code (bytes, bytearray: no GC)."""
         cdef int rc
         cdef int64_t deadline = -2
-        cdef uint64_t n, mlen
+        cdef uint64_t n, mlen, moff = 0, rlen = 0, next_pos = 0
         cdef uint16_t head = 0
         cdef bytearray out
         cdef uint8_t *dst
@@ -852,27 +1200,33 @@ cdef class QueueCore:
                 if self._lock(self.clock_, lock_deadline) < 0:
                     raise Empty()
                 with nogil:
-                    rc = self._get_begin(&head)
-                if rc == 1:
+                    rc = self._get_begin(&head, &moff, &rlen, &next_pos)
+                if rc == 3:
+                    continue                   # completed an exhausted batch: look again
+                if rc == 1 or rc == 2:
                     # We hold the consumer lock and the message is not
                     # committed: if we die now it stays for another consumer.
-                    n = self.riov.total
-                    if hold:
+                    if rc == 1:
+                        n = self.riov.total
+                        src = self.base + self.riov.seg[0].off
+                    else:
+                        n = rlen
+                        src = self.base + moff
+                    if hold and rc == 1:
                         hm.q = self
                         hm.slot = vr_load_relaxed_u16(&self.used.idx) & self.mask
                         # Pinned by the PROCESS (a view may outlive the thread
                         # that took it); reclaimed when that process is gone.
                         hm.holder = vr_getpid()
-                        hm.ptr = self.base + self.riov.seg[0].off if self.riov.used == 1 else self.base
+                        hm.ptr = src if self.riov.used == 1 else self.base
                         hm.length = self.riov.seg[0].len if self.riov.used == 1 else 0
                         self.mapped.pins += 1
                         with nogil:
-                            self._get_commit(hm.holder, head)
+                            self._get_commit(hm.holder, head, 1)
                         return hm
                     # Fast path: a message with no out-of-band buffers comes
                     # back as its main bytes alone (one copy, no parsing).
-                    if self.riov.used == 1 and n >= 64 + MSG_HDR:
-                        src = self.base + self.riov.seg[0].off
+                    if (rc == 2 or self.riov.used == 1) and n >= 64 + MSG_HDR:
                         mlen = (<uint64_t *>(src + 8))[0]
                         if (<uint32_t *>src)[0] == 0 and mlen <= n - 64:
                             kind[0] = (<uint32_t *>src)[1]
@@ -880,7 +1234,7 @@ cdef class QueueCore:
                                 fast = PyBytes_FromStringAndSize(<char *>(src + 64), <Py_ssize_t>mlen)
                             finally:
                                 with nogil:
-                                    self._get_commit(0, head)
+                                    self._commit_taken(rc, 0, head, next_pos)
                             return fast
                     try:
                         out = bytearray(n)
@@ -889,8 +1243,11 @@ cdef class QueueCore:
                         raise
                     dst = <uint8_t *>(<char *>out)
                     with nogil:
-                        vrh_iov_pull(&self.riov, self.base, dst, n)
-                        self._get_commit(0, head)
+                        if rc == 1:
+                            vrh_iov_pull(&self.riov, self.base, dst, n)
+                        else:
+                            memcpy(dst, src, n)
+                        self._commit_taken(rc, 0, head, next_pos)
                     return out
                 if rc < 0:
                     raise _host_error(&self.h, rc, head)
@@ -898,13 +1255,13 @@ cdef class QueueCore:
                     raise Empty()
                 if deadline == -2:
                     deadline = _deadline(timeout)
-                    self._spin(&self.avail.idx, vr_load_relaxed_u16(&self.used.idx), deadline)
+                    self._spin(self.puts, deadline)
                     continue
                 vr_fetch_add_u32(self.get_sleepers, 1)
                 try:
                     vr_fence_sc()
                     # re-check after announcing (pairs with _wake in the producer)
-                    if vr_load_acquire_u16(&self.avail.idx) != vr_load_relaxed_u16(&self.used.idx):
+                    if self._count() != 0:
                         continue
                     if slept and self.check is not None and deadline < 0:
                         # Blocked for good and still nothing: is anyone left?  (With
@@ -956,7 +1313,7 @@ cdef class QueueCore:
         vr_fetch_add_u32(w, 1)
         vr_fence_sc()
         if which == 0:
-            return vr_load_acquire_u16(&self.avail.idx) == vr_load_relaxed_u16(&self.used.idx)
+            return self._count() == 0
         if which == 2:
             return vr_load_acquire_u64(self.unfinished) != 0
         return True

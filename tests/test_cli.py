@@ -169,7 +169,8 @@ def test_latency_end_to_end(tmp_path):
     assert "p99.99" in out and "vringipc.Channel" in out
     assert len(list((tmp_path / "hgrm").glob("*.hgrm"))) == 4
     if has_matplotlib():
-        assert (tmp_path / "latency_vs_payload.png").stat().st_size > 1000
+        # two payload sizes: no line plot against payload (a table says as much)
+        assert not (tmp_path / "latency_vs_payload.png").exists()
         assert (tmp_path / "latency_percentiles_64B.png").exists()
 
 
@@ -212,35 +213,174 @@ def test_throughput_end_to_end(tmp_path):
 
 
 @needs_hdrh
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(120)
 def test_compare_quick_end_to_end(tmp_path):
     code, out, err = run_cli(["bench", "compare", "--quick",
                               "-t", "vringipc.Channel,vringipc.Queue,mp.SimpleQueue,os.pipe",
-                              "--payload", "64", "--tp-payload", "64", "--out", str(tmp_path)]
-                             + TINY + TINY_TP)
+                              "--payload", "64", "--tp-payload", "64", "--pairs", "1,2",
+                              "--out", str(tmp_path)] + TINY + TINY_TP)
     assert code == 0, out + err
     doc = json.loads((tmp_path / "compare.json").read_text())
     assert R.validate(doc, documented_fields()) == []
     assert doc["files"]["hgrm"] == [] and not (tmp_path / "hgrm").exists()   # --quick
     assert doc["settings"]["quick"] is True
-    lat = {(r["transport"], r["policy"]) for r in doc["latency"]}
-    assert ("vringipc.Channel", "spin") in lat and ("os.pipe", "block") in lat
-    assert ("mp.SimpleQueue", "spin") not in lat           # it has no non-blocking get
-    assert any(s["transport"] == "mp.SimpleQueue" and "block only" in s["reason"]
-               for s in doc["skipped"])
-    s = doc["summary"]
-    assert s["baseline"] == "vringipc.Channel"
-    block64 = next(g for g in s["latency"] if g["payload"] == 64 and g["policy"] == "block")
-    assert set(block64["ratio_p50"]) == {"vringipc.Queue", "mp.SimpleQueue", "os.pipe"}
-    assert all(v > 0 for v in block64["ratio_p50"].values())
-    assert "against vringipc.Channel" in out
+    lat = {(r["transport"], r["policy"], r["pinning"]["mode"]) for r in doc["latency"]}
+    # --quick: each transport's default wait, unpinned and on one CPU
+    assert lat == {(t, p, pin) for t, p in (("vringipc.Channel", "default"),
+                                            ("vringipc.Queue", "default"),
+                                            ("mp.SimpleQueue", "block"), ("os.pipe", "block"))
+                   for pin in ("none", "same")}
+    assert all(r["default_policy"] for r in doc["latency"] + doc["throughput"] + doc["oversub"])
+    assert {(r["transport"], r["pairs"]) for r in doc["oversub"]} == {
+        (t, p) for t in ("vringipc.Channel", "vringipc.Queue", "mp.SimpleQueue", "os.pipe")
+        for p in (1, 2)}
+    v = doc["summary"]["verdict"]
+    assert v["subjects"] == ["vringipc.Queue", "vringipc.Channel"]
+    assert [r["baseline"] for r in v["rows"]] == ["mp.SimpleQueue", "os.pipe"]
+    assert [c["key"] for c in v["columns"]] == ["tp_64", "rtt_p50", "rtt_p99", "same_cpu_p50",
+                                                "oversub"]
+    for row in v["rows"]:
+        for s in v["subjects"]:
+            assert all(x is None or x > 0 for x in row["ratios"][s].values())
+    # the terminal: the verdict first, each baseline with both vringipc lines under it
+    vi = out.index("Verdict:")
+    assert vi < out.index("Round-trip latency") < out.index("Throughput,") < out.index(
+        "Oversubscription:")
+    block = out[vi:out.index("Details.")]
+    assert re.search(r"^mp\.SimpleQueue .*\n  vringipc\.Queue .*\n  vringipc\.Channel ", block, re.M)
+    assert re.search(r"\d(\.\d)?x faster|x: slower|x: same", block)
+    assert "Statistic everywhere" in out and "median over runs" in out
+    assert re.search(r"Took \d+ s \(estimated \d+ s\)", out)
     if has_matplotlib():
-        for name in ("latency_percentiles_64B.png", "throughput_vs_payload.png"):
+        for name in ("latency_percentiles_64B.png", "throughput_vs_payload.png", "oversub.png"):
             assert (tmp_path / name).stat().st_size > 1000, name
         assert sorted(doc["files"]["plots"]) == sorted(
             str(p) for p in tmp_path.glob("*.png"))
     else:
         pytest.skip("matplotlib not installed: plot files not checked")
+
+
+@needs_hdrh
+@pytest.mark.timeout(60)
+def test_verdict_without_channel_still_has_rows(tmp_path):
+    code, out, err = run_cli(["bench", "compare", "-t", "vringipc.Queue,mp.Queue",
+                              "--payload", "64", "--tp-payload", "64", "--pin", "none",
+                              "--no-oversub", "--out", "", "--no-plots"] + TINY + TINY_TP)
+    assert code == 0, out + err
+    block = out[out.index("Verdict:"):out.index("Details.")]
+    assert re.search(r"^mp\.Queue .*\n  vringipc\.Queue +\S", block, re.M), block
+    assert "vringipc.Channel" not in block
+
+
+# --- the verdict's arithmetic on synthetic data --------------------------------------------
+
+def test_ratio_words():
+    assert R.ratio_words(12.3) == "12x faster"
+    assert R.ratio_words(1.34) == "1.3x faster"
+    assert R.ratio_words(1.01) == "1.0x: same"
+    assert R.ratio_words(0.5) == "0.5x: slower"
+    assert R.ratio_words(0.047) == "0.047x: slower"
+    assert R.ratio_words(None) == "-"
+
+
+def test_disagreement_flags_runs_more_than_2x_apart():
+    assert R.disagreement([10, 11, 12]) is None
+    assert R.disagreement([10, 20]) is None                 # exactly 2x: not flagged
+    assert R.disagreement([10, 21, 15]) == pytest.approx(2.1)
+    assert R.disagreement([0, 5]) == float("inf")
+    assert R.disagreement([7]) is None and R.disagreement([]) is None
+
+
+def _lat(t, pol, pin, p50_runs, p99_runs, payload=64):
+    import statistics
+    pct = {k: {"median": None, "min": None, "max": None, "runs": []} for k in L.PCT_KEYS}
+    for k, runs in (("p50", p50_runs), ("p99", p99_runs)):
+        pct[k] = {"median": statistics.median(runs), "min": min(runs), "max": max(runs),
+                  "runs": runs}
+    return {"transport": t, "policy": pol, "default_policy": True, "payload": payload,
+            "mode": "pingpong", "pinning": {"mode": pin, "requested": pin, "cpus": None},
+            "percentiles": pct}
+
+
+def _tp(t, payload, runs):
+    import statistics
+    return {"transport": t, "policy": "block", "default_policy": True, "api": "single",
+            "batch": 1, "producers": 1, "consumers": 1, "payload": payload,
+            "pinning": {"mode": "none", "requested": "none", "cpus": None},
+            "msgs_per_s": {"median": statistics.median(runs), "min": min(runs),
+                           "max": max(runs), "runs": runs}}
+
+
+def test_verdict_on_synthetic_runs():
+    doc = {"transports": [{"name": n} for n in ("vringipc.Channel", "vringipc.Queue",
+                                                "mp.Queue")],
+           "latency": [_lat("vringipc.Queue", "default", "none", [2, 2, 2], [4, 4, 4]),
+                       _lat("mp.Queue", "block", "none", [60, 60, 200], [100, 100, 100]),
+                       _lat("vringipc.Queue", "default", "same", [30, 30, 30], [50, 50, 50]),
+                       _lat("mp.Queue", "block", "same", [15, 15, 15], [20, 20, 20])],
+           "throughput": [_tp("vringipc.Queue", 64, [1e6, 1e6, 1e6]),
+                          _tp("mp.Queue", 64, [1e5, 1e5, 1e5])],
+           "oversub": [], "skipped": [{"transport": "pyzmq", "case": None, "reason": "missing"}]}
+    v = R.verdict(doc)
+    assert v["subjects"] == ["vringipc.Queue"]           # Channel not measured: no line
+    assert [c["key"] for c in v["columns"]] == ["tp_64", "rtt_p50", "rtt_p99", "same_cpu_p50"]
+    (row,) = v["rows"]
+    assert row["baseline"] == "mp.Queue"
+    r = row["ratios"]["vringipc.Queue"]
+    assert r["tp_64"] == pytest.approx(10)                # msgs/s: vringipc / baseline
+    assert r["rtt_p50"] == pytest.approx(30)              # time: baseline / vringipc
+    assert r["rtt_p99"] == pytest.approx(25)
+    assert r["same_cpu_p50"] == pytest.approx(0.5)        # slower on one CPU
+    assert row["flags"]["vringipc.Queue/rtt_p50"] is True  # mp.Queue's p50 runs 60..200
+    assert row["flags"]["vringipc.Queue/tp_64"] is False
+    text = R.verdict_text(v)
+    line = text.splitlines()[text.splitlines().index(next(
+        x for x in text.splitlines() if x.startswith("mp.Queue"))) + 1]
+    assert "10x faster" in line and "30x faster!" in line and "0.5x: slower" in line
+    assert "pyzmq (missing)" in text
+    dis = R.disagreements(doc)
+    assert [(d["case"], d["figure"]) for d in dis] == [
+        ("latency mp.Queue block 64 B pinning none", "p50 us")]
+    assert "60, 60, 200" in R.disagreements_text(dis)
+
+
+def test_verdict_needs_a_baseline():
+    doc = {"latency": [_lat("vringipc.Queue", "default", "none", [2], [4])], "throughput": [],
+           "oversub": []}
+    assert "Verdict: none" in R.verdict_text(R.verdict(doc))
+
+
+def test_quick_is_sized_to_its_stated_time():
+    d = {"duration": 0.1, "warmup": 0.03, "tp_duration": 0.12, "os_duration": 0.25}
+    for n_lat, n_tp, procs in ((16, 24, [2, 8, 32] * 4), (8, 12, [2, 8, 32] * 4)):
+        f = C._fit_to(C.QUICK_SECONDS, 3, n_lat, n_tp, procs, d)
+        est = C.estimate_seconds(3, n_lat, n_tp, procs, d["duration"] * f,
+                                 d["tp_duration"] * f, d["os_duration"] * f, d["warmup"] * f)
+        assert est == pytest.approx(C.QUICK_SECONDS, rel=0.01)
+
+
+def test_readme_and_docs_state_the_tools_quick_time():
+    with open(os.path.join(REPO, "README.md")) as f:
+        first = f.read().split("\n\n", 2)[1]
+    assert "vringipc bench compare --quick" in first
+    assert f"~{C.QUICK_SECONDS} s" in first
+    with open(DOCS) as f:
+        assert f"about {C.QUICK_SECONDS} s" in f.read()
+
+
+@needs_hdrh
+@pytest.mark.timeout(60)
+def test_oversub_mode(tmp_path):
+    code, out, err = run_cli(["bench", "oversub", "-t", "vringipc.Queue,mp.Queue",
+                              "--pairs", "1,3", "--out", str(tmp_path), "--no-plots"] + TINY)
+    assert code == 0, out + err
+    doc = json.loads((tmp_path / "oversub.json").read_text())
+    assert R.validate(doc, documented_fields()) == []
+    got = {(r["transport"], r["policy"], r["pairs"], r["processes"]) for r in doc["oversub"]}
+    assert got == {("vringipc.Queue", "default", 1, 2), ("vringipc.Queue", "default", 3, 6),
+                   ("mp.Queue", "block", 1, 2), ("mp.Queue", "block", 3, 6)}
+    assert all(r["rt_per_s"]["median"] > 0 for r in doc["oversub"])
+    assert "Oversubscription:" in out
 
 
 @needs_hdrh
@@ -251,7 +391,8 @@ def test_missing_optional_peers_are_skipped(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, mod, None)
     code, out, err = run_cli(["bench", "compare", "-t", "pyzmq,faster-fifo,iceoryx2,os.pipe",
                               "--payload", "64", "--tp-payload", "64", "--policy", "block",
-                              "--out", str(tmp_path), "--no-plots"] + TINY + TINY_TP)
+                              "--pairs", "1", "--out", str(tmp_path), "--no-plots"]
+                             + TINY + TINY_TP)
     assert code == 0, out + err
     doc = json.loads((tmp_path / "compare.json").read_text())
     assert R.validate(doc, documented_fields()) == []
@@ -300,8 +441,8 @@ def test_user_adapter_plugin(tmp_path):
     try:
         code, out, err = run_cli(["bench", "compare", "--plugin", str(plugin),
                                   "-t", "test.simplequeue,vringipc.Channel", "--payload", "64",
-                                  "--tp-payload", "64", "--policy", "block", "--out", str(tmp_path),
-                                  "--no-plots"] + TINY + TINY_TP)
+                                  "--tp-payload", "64", "--policy", "block", "--pairs", "1",
+                                  "--out", str(tmp_path), "--no-plots"] + TINY + TINY_TP)
     finally:
         T.unregister("test.simplequeue")
     assert code == 0, out + err
@@ -475,3 +616,78 @@ def test_ls_reports_foreign_files(tmp_path):
     (info,) = S.scan(shm_dir=str(tmp_path))
     assert not info["valid"] and "smaller than" in info["error"]
     assert S.gc_verdict({"creator_pid": None})[0] is False
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"vringipc \d+\.\d+\.\d+\S*", out), out
+    import vringipc
+    assert out.split()[1] == cli.version()
+    assert vringipc.__version__ == cli.version() or "dev" in cli.version()
+
+
+def _columns(header: str) -> list[tuple[int, int]]:
+    """(start, end) of each header cell (cells are separated by 2+ spaces)."""
+    return [m.span() for m in re.finditer(r"\S+(?: \S+)*", header)]
+
+
+def test_ls_columns_line_up():
+    # long cells: a queue with many users, dead and detached peers, a big pid
+    queue = {"name": "/vr_3fffff_0123456789ab", "size": 64 << 20, "valid": True,
+             "creator_pid": 4194303, "creator_alive": False, "app_kind": "queue",
+             "rings": [{"avail_idx": 65535, "used_idx": 65530}], "created": "2026-01-01T00:00:00",
+             "queue_users": [{"pid": p, "alive": p % 2 == 0} for p in range(1000, 1012)],
+             "driver": None, "device": None}
+    chan = dict(queue, name="/vr_1_0123456789ab", app_kind="channel", queue_users=None,
+                creator_alive=True,
+                driver={"pid": 4194302, "alive": False, "state": "detached"},
+                device={"pid": 4194301, "alive": True, "state": "attached"})
+    bad = {"name": "/vr_2_0123456789ab", "size": 100, "valid": False, "creator_pid": 2,
+           "creator_alive": False, "error": "smaller than a header"}
+    text = S.ls_table([queue, chan, bad])
+    lines = text.splitlines()
+    head = lines[0]
+    spans = _columns(head)
+    assert [head[a:b] for a, b in spans] == list(S.LS_COLUMNS)
+    rows = S.ls_rows([queue, chan, bad])
+    assert rows[0]["queue users"] == "6 live of 12"
+    assert rows[0]["producer"] == rows[0]["consumer"] == "-"     # a queue has no single one
+    assert rows[1]["producer"] == "4194302 dead detached"
+    for line, row in zip(lines[2:], rows):
+        # each cell starts where its header starts (ends there, for the
+        # right-aligned size and avail/used), with a gap of 2+ spaces around it
+        for (a, b), col in zip(spans, S.LS_COLUMNS):
+            v = row[col]
+            start = a if col not in ("size", "avail/used") else b - len(v)
+            assert line[start:start + len(v)] == v, (col, line)
+            assert start == 0 or line[start - 2:start] == "  ", (col, line)
+            after = line[start + len(v):start + len(v) + 2]
+            assert after in ("  ", ""), (col, line)
+    assert lines[4].endswith("(smaller than a header)")
+
+
+@pytest.mark.skipif(not has_matplotlib(), reason="matplotlib not installed")
+def test_plots_from_synthetic_results(tmp_path):
+    from vringipc.benchtool import plots
+    lat = [_lat(t, "block", pin, [10.0 * k, 11.0 * k], [20.0 * k, 30.0 * k], payload=size)
+           for t in ("vringipc.Queue", "mp.Queue") for pin in ("none", "same")
+           for k, size in ((1, 64), (2, 4096), (4, 65536))]
+    for r in lat:          # the percentile plot needs every percentile
+        for k in L.PCT_KEYS:
+            if r["percentiles"][k]["median"] is None:
+                r["percentiles"][k] = dict(r["percentiles"]["p99"])
+    doc = {"machine": {"cpu_model": "Test CPU", "cores_online": 2, "kernel": "6", "python": "3"},
+           "load": {"others_cpus": 0.1}, "latency": lat,
+           "throughput": [_tp("vringipc.Queue", s, [1e5, 2e5]) for s in (64, 4096)],
+           "oversub": [{"transport": "mp.Queue", "policy": "block", "pairs": p,
+                        "rt_per_s": {"median": 1e4, "min": 9e3, "max": 1.1e4, "runs": [9e3, 1.1e4]}}
+                       for p in (1, 4, 16)]}
+    paths = plots.plot_all(doc, str(tmp_path))
+    names = sorted(os.path.basename(p) for p in paths)
+    assert names == ["latency_percentiles_4096B.png", "latency_percentiles_64B.png",
+                     "latency_percentiles_65536B.png", "latency_vs_payload.png", "oversub.png",
+                     "throughput_vs_payload.png"]
+    assert all(os.path.getsize(p) > 1000 for p in paths)

@@ -61,19 +61,27 @@ never) the wrapper yields once (``await asyncio.sleep(0)``) *before* taking a
 message, so a cancellation at that point loses nothing.
 
 What may still take a short time inside the loop: copying a message in/out
-(memcpy; use recv_view / get_nocopy for large payloads), the Queue's
-cross-process lock (held only for a memcpy), and, for a Channel, claiming the
-producer role from a dead producer (waits until its messages are consumed).
+(memcpy; use recv_view / get_nocopy for large payloads) and the Queue's
+cross-process lock (held only for a memcpy).  Taking over the producer role
+of a Channel from a dead producer (which waits until the consumer has drained
+its messages) polls like a full channel.
 
-``close()`` must be called from the loop's thread: it wakes every pending
-call of this wrapper (which then raise ValueError, as the closed channel /
-queue does), removes their fd readers, and closes the wrapped object.
+``close()`` wakes every pending call of this wrapper (which then raise
+ValueError, as the closed channel / queue does) and removes their fd readers
+*before* it closes the wrapped object, whose eventfds may be closed at once.
+Called from another thread, it has the loop do that and waits for it (at most
+CLOSE_WAIT seconds, in case the loop is not running).  Closing the wrapped
+Channel directly does the same (the Channel tells its AsyncChannels); a Queue
+closed directly ends a pending call within ``check_interval``.  Whichever way,
+a call never touches the fds after the close: it raises ValueError.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 import weakref
 
 from vringipc.errors import Empty, Full
@@ -85,6 +93,7 @@ BACKOFF_YIELDS = 16             # polling fallback: first just yield to the loop
 BACKOFF_MIN = 50e-6             # then sleep this long,
 BACKOFF_MAX = 5e-3              # doubling up to this
 YIELD_EVERY = 64
+CLOSE_WAIT = 1.0                # close() from another thread: wait this long for the loop
 
 
 # --- fd readiness: one reader per (loop, fd), any number of waiters ------------------
@@ -109,10 +118,11 @@ class _Waiter:
     """A future that completes with the fd that became readable, or None when
     the timeout passed or the owner woke it (close)."""
 
-    __slots__ = ("loop", "fut", "fds", "timer", "__weakref__")
+    __slots__ = ("loop", "thread", "fut", "fds", "timer", "__weakref__")
 
     def __init__(self, loop, fds, timeout):
         self.loop = loop
+        self.thread = threading.get_ident()     # the loop's thread
         self.fut = loop.create_future()
         self.fds: set[int] = set()
         self.timer = None
@@ -193,17 +203,25 @@ class _Base:
         if self._due():
             await asyncio.sleep(0)
 
+    def _check_open(self) -> None:
+        """ValueError once this wrapper or the wrapped object is closed."""
+        raise NotImplementedError
+
     async def _wait(self, fds, timeout):
         """Wait until one of `fds` is readable (returns it) or `timeout` passes
-        (returns None).  Resets the fairness streak: we did yield."""
+        (returns None).  Resets the fairness streak: we did yield.  ValueError
+        if closed before or while waiting (the fds may be closed by then)."""
+        self._check_open()
         self._streak = 0
         w = _Waiter(asyncio.get_running_loop(), fds, timeout)
         self._waiters.add(w)
         try:
-            return await w.fut
+            fired = await w.fut
         finally:
             w.detach()
             self._waiters.discard(w)
+        self._check_open()
+        return fired
 
     async def _backoff(self, step: int) -> int:
         """One polling step: the first BACKOFF_YIELDS only yield to the loop
@@ -219,8 +237,31 @@ class _Base:
         return step + 1
 
     def _wake_all(self) -> None:
+        """Wake every pending wait and remove its readers, now: from another
+        thread the waiters' loops do it, and we wait for them (CLOSE_WAIT)."""
+        here = threading.get_ident()
+        remote: dict = {}
         for w in list(self._waiters):
-            w.wake(None)
+            if w.thread == here:
+                w.wake(None)
+            else:
+                remote.setdefault(w.loop, []).append(w)
+        done = []
+        for loop, ws in remote.items():
+            ev = threading.Event()
+
+            def run(ws=ws, ev=ev):
+                for w in ws:
+                    w.wake(None)
+                ev.set()
+            try:
+                loop.call_soon_threadsafe(run)
+            except RuntimeError:        # loop closed: its selector (and readers) are gone
+                continue
+            done.append(ev)
+        end = time.monotonic() + CLOSE_WAIT
+        for ev in done:
+            ev.wait(max(end - time.monotonic(), 0.0))
 
 
 # --- Channel ------------------------------------------------------------------------
@@ -238,10 +279,17 @@ class AsyncChannel(_Base):
                  yield_every: int = YIELD_EVERY):
         super().__init__(check_interval, yield_every)
         self._ch = channel
+        hooks = getattr(channel, "_close_hooks", None)
+        if hooks is not None:           # the channel wakes us when it is closed directly
+            hooks.append(weakref.WeakMethod(self._wake_all))
 
     @property
     def channel(self):
         return self._ch
+
+    def _check_open(self) -> None:
+        if self._closed or self._ch._closed:
+            raise ValueError("channel is closed")
 
     @property
     def send_uses_eventfd(self) -> bool:
@@ -275,6 +323,7 @@ class AsyncChannel(_Base):
                 rx.check()
             if rx.kick_fd < 0:              # attached without eventfds: poll
                 step = await self._backoff(step)
+                self._check_open()
                 woke = True
                 continue
             fds = (rx.kick_fd, rx.peer_fd) if rx.peer_fd >= 0 else (rx.kick_fd,)
@@ -346,6 +395,13 @@ class AsyncChannel(_Base):
                 except Full:
                     pass
             tx = ch._tx
+            if tx is None:
+                # not the producer yet: taking over from a dead one, which
+                # waits for the consumer to drain its messages (send raised
+                # Full for that): poll
+                step = await self._backoff(step)
+                self._check_open()
+                continue
             arm = getattr(tx, "arm", None)
             if arm is not None and tx.call_fd >= 0:
                 if (woke or tx.peer_fd < 0) and tx.check is not None:
@@ -373,6 +429,7 @@ class AsyncChannel(_Base):
                 if tx.check is not None:
                     tx.check()
             step = await self._backoff(step)
+            self._check_open()
 
     # --- lifecycle ---------------------------------------------------------------------
     def close(self) -> None:
@@ -437,6 +494,10 @@ class AsyncQueue(_Base):
     def queue(self):
         return self._queue
 
+    def _check_open(self) -> None:
+        if self._closed or self._q._closed:
+            raise ValueError("queue is closed")
+
     # --- the sleepers protocol ------------------------------------------------------------
     def _announce(self, which: int) -> tuple[_Announcement, bool]:
         """Count ourselves as a sleeper, then re-check.  Returns the
@@ -480,10 +541,11 @@ class AsyncQueue(_Base):
     async def _sleep(self, fd: int) -> None:
         if fd < 0:                   # no eventfd (attached in polling mode)
             await asyncio.sleep(min(self._check_interval, BACKOFF_MAX))
+            self._check_open()
             return
         fired = await self._wait((fd,), self._check_interval)
         if fired is not None:
-            _drain(fd)
+            _drain(fd)               # still open: _wait raises once closed
 
     # --- consumer ---------------------------------------------------------------------
     async def _take(self, attempt, tried: bool = False):

@@ -30,12 +30,13 @@ vringipc.handoff for passing the eventfds over a Unix socket).
 from __future__ import annotations
 
 import os
+import time
 import weakref
 
 from vringipc import layout as L
 from vringipc import peers
 from vringipc._ring import ChannelReceiver, ChannelSender
-from vringipc.errors import ChannelClosed, PeerDead, VringError
+from vringipc.errors import ChannelClosed, Full, PeerDead, VringError
 from vringipc.ring import SharedRing
 
 __all__ = ["Channel"]
@@ -89,6 +90,9 @@ class Channel:
         self._spin_ns = int(spin * 1e9)
         self._pidfd = -1
         self._pidfd_owner = None
+        # weak callables run first thing in close() (vringipc.aio: wake the
+        # waits that poll our eventfds before they are closed)
+        self._close_hooks: list = []
         _live_channels.add(self)
 
     # --- identity -------------------------------------------------------------
@@ -119,23 +123,28 @@ class Channel:
         return cls(_ring=ring)
 
     # --- roles ------------------------------------------------------------------
-    def _await_quiescent(self) -> None:
+    def _await_quiescent(self, block: bool, deadline: float | None) -> None:
         """Taking over from an earlier producer: its allocation state died with
         it, so wait until the consumer has completed everything it published
-        (used idx == avail idx) before allocating anew."""
-        import time
+        (used idx == avail idx) before allocating anew.  Honours the caller's
+        block / deadline (time.monotonic(), None = forever): Full if the
+        consumer has not caught up in time."""
         r = self._ring.layout.rings[0]
         words = self._ring.words
         while True:
+            self._check_open()                              # closed by another thread?
             avail = words.load32(r.avail_off) >> 16        # u16 flags | u16 idx
             used = words.load32(r.used_off) >> 16
             if avail == used:
                 return
+            left = (avail - used) & 0xffff
             cpid, cstart, cstate = peers.read_peer(words, L.DEVICE_LIVENESS_OFF)
             if cpid and cstate != L.PEER_ATTACHED or (cpid and not peers.alive(cpid, cstart)):
                 raise PeerDead("taking over as producer: the consumer is gone and "
-                               f"{(avail - used) & 0xffff} messages of the previous producer "
-                               "are still unconsumed")
+                               f"{left} messages of the previous producer are still unconsumed")
+            if not block or (deadline is not None and time.monotonic() >= deadline):
+                raise Full(f"taking over as producer: {left} messages of the previous producer "
+                           "are still unconsumed")
             time.sleep(0.001)
 
     def _claim(self, block_off: int, what: str) -> bool:
@@ -157,7 +166,7 @@ class Channel:
         peers.claim(words, block_off)
         return took_over
 
-    def _sender(self) -> ChannelSender:
+    def _sender(self, block: bool = True, deadline: float | None = None) -> ChannelSender:
         if self._tx is None:
             self._check_open()
             if self._claim(L.DRIVER_LIVENESS_OFF, "producer"):
@@ -165,7 +174,7 @@ class Channel:
             if self._needs_quiesce:
                 # (retried on every call until it succeeds: a failed wait must
                 # not let a later call allocate over the old producer's bytes)
-                self._await_quiescent()
+                self._await_quiescent(block, deadline)
                 self._needs_quiesce = False
             self._tx = ChannelSender(self._ring.segment.buf, *self._window(),
                                      features=self._ring.layout.features,
@@ -206,6 +215,7 @@ class Channel:
         # In a forked child: the parent's private ring state is not ours.
         self._tx = None
         self._rx = None
+        self._close_hooks = []          # the parent's event loops are not ours
         for attr in self._BOUND:
             self.__dict__.pop(attr, None)
         if self._pidfd >= 0:
@@ -262,18 +272,31 @@ class Channel:
             raise ValueError("channel is closed")
 
     # --- producer API -------------------------------------------------------------
+    def _producer(self, block: bool, timeout: float | None):
+        """(sender, what is left of timeout): the first call may have to wait
+        for a takeover (see _await_quiescent), within the same block/timeout."""
+        if self._tx is not None:
+            return self._tx, timeout
+        if timeout is None or not block:
+            return self._sender(block), timeout
+        deadline = time.monotonic() + max(timeout, 0.0)
+        tx = self._sender(block, deadline)
+        return tx, max(deadline - time.monotonic(), 0.0)
+
     def send(self, data, block: bool = True, timeout: float | None = None) -> None:
         """Copy a bytes-like message into shared memory and publish it.  Blocks
         while the arena or ring is full; raises Full on timeout or when not
         blocking, MessageTooLarge if it can never fit."""
-        self._sender().send(data, block, timeout)
+        tx, timeout = self._producer(block, timeout)
+        tx.send(data, block, timeout)
 
     def send_nowait(self, data) -> None:
         self.send(data, False)
 
     def send_many(self, messages, block: bool = True, timeout: float | None = None) -> int:
         """Send an iterable of messages with one notification per batch."""
-        return self._sender().send_many(messages, block, timeout)
+        tx, timeout = self._producer(block, timeout)
+        return tx.send_many(messages, block, timeout)
 
     def loan(self, size: int, block: bool = True, timeout: float | None = None):
         """Reserve `size` bytes of shared memory to fill in place (no copy).
@@ -283,7 +306,8 @@ class Channel:
         and call ``commit(nbytes)`` / ``cancel()``.  Views of the loan must be
         released before it is committed (BufferError otherwise)."""
         self._check_open()
-        return self._sender().loan(size, block, timeout)
+        tx, timeout = self._producer(block, timeout)
+        return tx.loan(size, block, timeout)
 
     # --- consumer API ---------------------------------------------------------------
     def recv(self, block: bool = True, timeout: float | None = None) -> bytes:
@@ -341,30 +365,55 @@ class Channel:
     def close(self) -> None:
         """Close this process's end.  A producer's close wakes the consumer,
         which raises ChannelClosed once it has read everything.  The creator of
-        a named (shm) segment also unlinks the name.  Idempotent."""
+        a named (shm) segment also unlinks the name.  Idempotent.
+
+        A call blocked in another thread of this process wakes up and raises
+        ValueError.  The eventfds, the pidfd and the mapping are closed once
+        no call is in flight any more and every Loan / MessageView is gone."""
         if self._closed or self._ring is None:
             return
         self._closed = True
+        for ref in self._close_hooks:
+            hook = ref()
+            if hook is not None:
+                hook()
+        self._close_hooks = []
         words = self._ring.words
         for attr in self._BOUND:
             self.__dict__.pop(attr, None)
+        ends = []
         if self._tx is not None:
             peers.release(words, L.DRIVER_LIVENESS_OFF)
             self._tx.flush_kick()
-            self._tx.close()
+            ends.append(self._tx)
         if self._rx is not None:
             peers.release(words, L.DEVICE_LIVENESS_OFF)
             if self._ring.call_fds[0] >= 0:
                 os.eventfd_write(self._ring.call_fds[0], 1)
-            self._rx.close()
-        owner = self._ring.segment.owner
+            ends.append(self._rx)
+        if self._ring.segment.owner:
+            self._ring.unlink()         # the name only: the memory lives on while mapped
+        _live_channels.discard(self)
+        # Each end runs its finalizer when it is idle (maybe at once); the
+        # last one to finish closes what they share.
+        left = [len(ends)]
+
+        def end_finished() -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                self._release_resources()
+
+        for end in ends:
+            end.close(end_finished)
+        if not ends:
+            self._release_resources()
+
+    def _release_resources(self) -> None:
+        """The eventfds, the mapping and the pidfd (once nothing uses them)."""
         self._ring.close()
-        if owner:
-            self._ring.unlink()
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
-        _live_channels.discard(self)
 
     def __enter__(self) -> "Channel":
         return self

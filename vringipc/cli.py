@@ -9,15 +9,34 @@ import sys
 _BENCH_EPILOG = """\
 Every figure is measured in forked processes (pinned as --pin says), after a
 warm-up, --runs times, the runs of all cases interleaved in rounds so that a
-change in machine load hits every transport alike; tables show medians and
-[min-max] over runs.  Results go to --out DIR: <mode>.json (machine, settings,
+change in machine load hits every transport alike; tables and plots show the
+median over runs of each run's figure and [min-max] over runs, and name every
+figure whose runs disagree by more than 2x.  Results go to --out DIR: <mode>.json (machine, settings,
 every figure, HDR histograms), hgrm/*.hgrm percentile files, and PNG plots
 when matplotlib is installed (pip install 'vringipc[bench]').
 Wait policies: spin = busy-poll, never sleep; block = sleep in the kernel until
-woken; adaptive = spin ~50 us, then sleep.  A transport is measured only with
+woken; adaptive = spin ~50 us, then sleep; default = each transport's own
+(vringipc: the library's default wait; the others: a blocking get/recv).  A transport is measured only with
 the policies it supports (see `vringipc bench list`).
 Sizes: "64,4K,1M", or a range "8..16M" (x8 steps) / "8..16M:x4".
 """
+
+
+def _quick_s() -> int:
+    from vringipc.benchtool.compare import QUICK_SECONDS
+    return QUICK_SECONDS
+
+
+def _add_oversub(p: argparse.ArgumentParser, compare: bool = False) -> None:
+    g = p.add_argument_group("oversubscription")
+    g.add_argument("--pairs", metavar="LIST",
+                   help="numbers of ping-pong pairs run at once (default 1,2,4,8,16; "
+                        "compare --quick: 1,4,16)")
+    if compare:
+        g.add_argument("--os-duration", type=float, metavar="S",
+                       help="seconds counted per oversubscription run")
+        g.add_argument("--no-oversub", action="store_true",
+                       help="leave out the oversubscription sweep")
 
 
 def _add_common(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
@@ -34,17 +53,23 @@ def _add_common(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
                         "(see docs/BENCH.md)")
     g = p.add_argument_group("measurement")
     g.add_argument("--quick", action="store_true",
-                   help="fewer sizes, shorter runs (compare --quick takes about a minute)")
+                   help="fewer sizes, shorter runs (compare --quick: about %d s)" % _quick_s())
+    if compare:
+        g.add_argument("--time", type=float, metavar="S",
+                       help="with --quick: scale the runs to take about S seconds in all "
+                            "(default %d)" % _quick_s())
     g.add_argument("--runs", type=int, metavar="N", help="runs per figure (fresh processes each)")
     g.add_argument("--duration", type=float, metavar="S", help="seconds measured per run")
     g.add_argument("--warmup", type=float, metavar="S", help="seconds of warm-up per run")
     g.add_argument("--max-samples", type=int, default=500_000, metavar="N",
                    help="round trips recorded per run at most (default 500000)")
-    g.add_argument("--pin", choices=("auto", "split", "same", "none"), default="auto",
-                   help="CPU pinning: split = the processes on different CPUs, same = all on "
-                        "one CPU, none = let the scheduler place them; auto (default) = split "
-                        "for the spin and adaptive policies (a spinner needs its own CPU), none "
-                        "for block (a woken process is fastest where its waker runs)")
+    g.add_argument("--pin", metavar="LIST",
+                   help="CPU pinning, one or more of: split = the processes on different CPUs, "
+                        "same = all on one CPU, none = let the scheduler place them, auto = "
+                        "split for the spin and adaptive policies (a spinner needs its own CPU), "
+                        "none for block (a woken process is fastest where its waker runs). "
+                        "Latency cases run once per pinning given. Default: auto; compare: "
+                        "none,split,same (--quick: none,same), throughput part unpinned")
     g.add_argument("--cpus", metavar="LIST", help="CPUs to pin to, e.g. 2,3 (default: this "
                                                  "process's affinity)")
     g.add_argument("--timeout", type=float, default=120.0, metavar="S",
@@ -81,10 +106,22 @@ def _add_throughput(p: argparse.ArgumentParser, compare: bool = False) -> None:
                         "SPSC transports need N == M and run N links")
 
 
+def version() -> str:
+    """The installed distribution's version; from a source tree without an
+    install, the package's own __version__."""
+    from importlib import metadata
+    try:
+        return metadata.version("vringipc")
+    except metadata.PackageNotFoundError:
+        import vringipc
+        return vringipc.__version__
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vringipc",
         description="vringipc: inter-process messaging over a virtio split ring in shared memory.")
+    p.add_argument("--version", action="version", version=f"vringipc {version()}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     b = sub.add_parser(
         "bench", help="latency and throughput benchmarks against other transports",
@@ -120,10 +157,24 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Runs the ping-pong and throughput workloads over vringipc.Channel, "
                     "vringipc.Queue, multiprocessing.Queue, SimpleQueue, Pipe, os.pipe, a Unix "
                     "socketpair, and faster-fifo, pyzmq and iceoryx2 when importable (skipped "
-                    "with a note otherwise). --quick: about a minute.",
+                    "with a note otherwise), plus the oversubscription sweep. Leads with a "
+                    "verdict: vringipc.Queue and vringipc.Channel as ratios to each of the "
+                    "others. --quick: about %d s." % _quick_s(),
         epilog=_BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(cmp_, compare=True)
     _add_throughput(cmp_, compare=True)
+    _add_oversub(cmp_, compare=True)
+    osb = bs.add_parser(
+        "oversub", help="P ping-pong pairs (2P processes) at once, unpinned: round trips/s "
+                        "summed over the pairs, P = 1..16",
+        description="Oversubscription sweep: P request/response pairs run at the same time, "
+                    "unpinned, each with a request and a response link, 64 B messages; round "
+                    "trips/s summed over all pairs for P = 1, 2, 4, 8, 16. Default transports: "
+                    "vringipc.Queue, vringipc.Channel, mp.Queue, mp.SimpleQueue; default "
+                    "policy: each transport's own.",
+        epilog=_BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(osb)
+    _add_oversub(osb)
     bs.add_parser("list", help="the registered transport adapters and whether they can run here")
 
     from vringipc.bridge import add_cli as _add_bridge

@@ -9,13 +9,18 @@ number of producer and consumer processes.  Differences, all deliberate:
 * There is no feeder thread: ``put()`` writes the pickled object straight into
   shared memory before returning, so a process can always exit and
   ``join_thread()``/``cancel_join_thread()`` are no-ops.
-* ``maxsize=0`` means "bounded by capacity" (bytes of the arena, default 64 MiB,
-  and `num` messages in flight), not unbounded: a put that finds the queue full
-  blocks (or raises Full) as with a positive maxsize.  The ring holds at most
-  32768 messages, so a larger maxsize acts as 32768.  An object whose pickle
-  can never fit raises MessageTooLarge (a ValueError) at once.
-* ``qsize()`` works everywhere (it reads the ring indices) and is approximate,
-  like the stdlib's.
+* ``maxsize=0`` means unbounded, as in the stdlib: ``put()`` never blocks and
+  never raises Full, and the items wait in shared memory, not in a feeder
+  thread, so a producer may exit right after put() and everything it put is
+  still delivered.  The ring does not bound the item count: once its `num`
+  entries are in use, producers pack further messages into one descriptor (a
+  batch, see _queue.pxi).  What bounds it is `capacity`, the arena's bytes:
+  address space (default 16 GiB) committed only as data arrives; running out
+  of it, or of memory, raises MemoryError.  A positive maxsize keeps its
+  exact stdlib meaning.  An object whose pickle can never fit raises
+  MessageTooLarge (a ValueError) at once.
+* ``qsize()`` works everywhere (it reads two counters in the segment) and is
+  approximate, like the stdlib's.
 * A call blocked without a timeout raises PeerDead once every other process
   that used the queue has died and no other thread of this process has used
   it, instead of hanging (with a timeout it ends with Empty/Full at the
@@ -64,16 +69,24 @@ from multiprocessing import reduction as _mp_reduction
 
 from vringipc import layout as L
 from vringipc import peers
-from vringipc._ring import KINDS, QueueCore, _mp_dumps
+from vringipc._ring import KINDS, QueueCore, _mp_dumps, queue_window_overhead
 from vringipc.errors import Empty, Full, PeerDead  # noqa: F401  (re-exported names)
 from vringipc.ring import SharedRing, make_eventfd
 
 __all__ = ["Queue", "SimpleQueue", "JoinableQueue", "Full", "Empty"]
 
-DEFAULT_CAPACITY = 64 << 20
-DEFAULT_NUM = 4096
+# The arena is address space, not memory: only the chunks that hold data are
+# committed (see "Sizing" in the README and _queue.pxi).  16 GiB lets an
+# unbounded queue take what a program puts before its workers start (a
+# million small items, ten 100 MiB arrays) while a thousand queues still fit
+# in a 47-bit address space with room to spare.
+DEFAULT_CAPACITY = 16 << 30
+# Ring entries: messages each in a descriptor of their own before the
+# producers start packing them into batches (maxsize=0), or the item limit
+# rounded up (maxsize > 0).  1024 keeps the committed rings of an idle queue
+# near 40 KiB.
+DEFAULT_NUM = 1024
 
-_ALIGN = 64
 
 # Process table in the header's application area: who has used the queue.
 PEERS_OFF = 0x600
@@ -93,10 +106,6 @@ def _reset_pid() -> None:
 os.register_at_fork(after_in_child=_reset_pid)
 
 
-def _align(x: int) -> int:
-    return (x + _ALIGN - 1) & ~(_ALIGN - 1)
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -104,9 +113,10 @@ def _next_pow2(n: int) -> int:
 class Queue:
     """A process-shared FIFO queue with the API of multiprocessing.Queue.
 
-    ``Queue(maxsize=0, *, ctx=None, capacity=64 MiB, num=None, backend="memfd",
+    ``Queue(maxsize=0, *, ctx=None, capacity=16 GiB, num=None, backend="memfd",
     dumps=None, loads=None)``: `capacity` is the arena size in bytes (the
-    largest message and the most bytes in flight), `num` the ring size
+    largest message and the most bytes in flight; address space, committed
+    only as data arrives), `num` the ring size
     (messages in flight; default 4096, or the power of two above maxsize),
     `backend` "memfd" (nothing in /dev/shm, reaches children) or "shm" (named,
     attachable), `dumps`/`loads` a custom serializer (bytes-like in, object out)."""
@@ -126,9 +136,9 @@ class Queue:
         if maxsize < 0:
             maxsize = 0
         if num is None:
-            num = DEFAULT_NUM if maxsize <= 0 else min(32768, max(2, _next_pow2(maxsize)))
-        side = _align(num * 12)
-        ring = SharedRing.create(num=num, arena_size=capacity + side, indirect=False,
+            num = DEFAULT_NUM if maxsize <= 0 else min(32768, max(2, _next_pow2(maxsize + 1)))
+        side = queue_window_overhead(num, capacity)
+        ring = SharedRing.create(num=num, arena_size=capacity + side, indirect=False, reserve=side,
                                  event_idx=False, max_msg=min(capacity, 0xFFFFFFFF),
                                  backend=backend, name=name, mode=mode, app_kind=L.APP_QUEUE)
         try:

@@ -56,11 +56,14 @@ class SharedRing:
                nrings: int = 1, event_idx: bool = True, indirect: bool = True,
                max_msg: int | None = None, max_iov: int = 1024, backend: str = "shm",
                name: str | None = None, mode: int = 0o600,
-               app_kind: int = L.APP_RAW) -> "SharedRing":
+               app_kind: int = L.APP_RAW, reserve: int | None = None) -> "SharedRing":
         """Create a segment with `nrings` rings of `num` entries.
 
         Each ring's arena window is `arena_size` bytes, or num*slot_size when
-        slot_size is given (plus room for an indirect pool when indirect)."""
+        slot_size is given (plus room for an indirect pool when indirect).
+        `reserve`: bytes of the segment to commit now (default: all; the
+        queue commits its header and rings and reserves the arena as it
+        fills, see Segment.create)."""
         if arena_size is None:
             if slot_size is None:
                 slot_size = 256
@@ -70,7 +73,8 @@ class SharedRing:
         features = (L.F_EVENT_IDX if event_idx else 0) | (L.F_INDIRECT_DESC if indirect else 0)
         lay = L.SegmentLayout.build([num] * nrings, [arena_size] * nrings, features=features,
                                     max_msg=max_msg, max_iov=max_iov, app_kind=app_kind)
-        seg = Segment.create(lay.seg_size, name=name, mode=mode, backend=backend)
+        seg = Segment.create(lay.seg_size, name=name, mode=mode, backend=backend,
+                             reserve=None if reserve is None else lay.rings[0].win_off + reserve)
         try:
             seg.buf[:L.HDR_SIZE] = lay.pack_header()
             kicks = [make_eventfd() for _ in range(nrings)]

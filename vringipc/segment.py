@@ -5,8 +5,10 @@ Two backends:
 * ``"shm"`` - a named POSIX shared-memory object (``posix_ipc``), reachable by
   name from unrelated processes.  Created with ``O_CREAT|O_EXCL`` and mode 0600
   by default, under a short unguessable name.  The creator unlinks it; attachers
-  never do.  The pages are reserved with ``posix_fallocate`` so a full
-  ``/dev/shm`` fails here, at create time, and never as SIGBUS later.
+  never do.  The first `reserve` bytes (default: all) are reserved with
+  ``posix_fallocate`` so a full ``/dev/shm`` fails here, at create time, and
+  never as SIGBUS later; the rest stays sparse until its user reserves it
+  (the queue reserves arena chunks as data arrives, see _queue.pxi).
 * ``"memfd"`` - an anonymous ``memfd_create`` file sealed against shrinking and
   growing, shared by fd (inheritance, pickling for spawn, SCM_RIGHTS).  Nothing
   to leak, and a consumer can verify the seals, so a producer cannot truncate
@@ -99,15 +101,17 @@ class Segment:
     # --- construction -------------------------------------------------------
     @classmethod
     def create(cls, size: int, *, name: str | None = None, mode: int = 0o600,
-               backend: str = "shm") -> "Segment":
-        """Create a new zero-filled segment of `size` bytes."""
+               backend: str = "shm", reserve: int | None = None) -> "Segment":
+        """Create a new zero-filled segment of `size` bytes, the first
+        `reserve` of them (default: all) committed now."""
         if size <= 0:
             raise ValueError("segment size must be positive")
+        reserve = size if reserve is None else max(0, min(size, reserve))
         if backend == "memfd":
-            return cls._create_memfd(size)
+            return cls._create_memfd(size, reserve)
         if backend != "shm":
             raise ValueError(f"unknown backend {backend!r} (use 'shm' or 'memfd')")
-        _check_free_space(size)
+        _check_free_space(reserve)
         explicit = name is not None
         for _ in range(100):
             nm = validate_name(name) if explicit else make_name()
@@ -124,23 +128,25 @@ class Segment:
             fd = shm.fd
             os.ftruncate(fd, size)
             # Reserve the pages now: ENOSPC here instead of SIGBUS on first touch.
-            os.posix_fallocate(fd, 0, size)
+            if reserve:
+                os.posix_fallocate(fd, 0, reserve)
             m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             shm.close_fd()
             posix_ipc.unlink_shared_memory(nm)
             if e.errno in (errno.ENOSPC, errno.ENOMEM):
-                raise OSError(e.errno, f"no room in {SHM_DIR} for a {size}-byte segment: {e.strerror}") from e
+                raise OSError(e.errno, f"no room in {SHM_DIR} for a {reserve}-byte segment: {e.strerror}") from e
             raise
         shm.close_fd()
         return cls(_mmap_obj=m, size=size, name=nm, backend="shm", owner=True)
 
     @classmethod
-    def _create_memfd(cls, size: int) -> "Segment":
+    def _create_memfd(cls, size: int, reserve: int) -> "Segment":
         fd = os.memfd_create("vringipc", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
-            os.posix_fallocate(fd, 0, size)
+            if reserve:
+                os.posix_fallocate(fd, 0, reserve)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
             m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:

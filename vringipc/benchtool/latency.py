@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import array
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from vringipc.benchtool import transports as T
 from vringipc.benchtool.procs import Group, cpu_plan, resolve_pin
 
 __all__ = ["LatencyConfig", "new_histogram", "hist_from_samples", "hist_stats",
-           "summarize_runs", "pingpong_once", "run_latency", "PCT_KEYS"]
+           "summarize_runs", "pingpong_once", "run_latency", "PCT_KEYS", "handshake"]
 
 PCTS = (50.0, 90.0, 99.0, 99.9, 99.99)
 PCT_KEYS = ("p50", "p90", "p99", "p99.9", "p99.99", "max")
@@ -129,16 +129,23 @@ def summarize_runs(run_hists, run_means=None) -> tuple[dict, object, float | Non
 
 # --- the two processes ----------------------------------------------------------------
 
+def handshake(ctl, *ends):
+    """A benchmark process's start: report its ends opened, wait for
+    "connect", call each end's ready(), report ready, and return the parent's
+    "go" message (a start time on the shared clock, for the timed workloads)."""
+    ctl.send("opened")
+    ctl.recv()
+    for e in ends:
+        e.ready()
+    ctl.send("ready")
+    return ctl.recv()
+
+
 def _ping(ctl, link_out, link_in, payload, cfg_tuple):
     duration, warmup, max_samples, rate = cfg_tuple
     tx = link_out.sender()
     rx = link_in.receiver()
-    ctl.send("opened")
-    ctl.recv()
-    tx.ready()
-    rx.ready()
-    ctl.send("ready")
-    ctl.recv()
+    handshake(ctl, tx, rx)
     send, recv = tx.send, rx.recv
     msg = bytes(range(256)) * (payload // 256) + bytes(payload % 256)
     pc = time.perf_counter_ns
@@ -204,12 +211,7 @@ def _ping(ctl, link_out, link_in, payload, cfg_tuple):
 def _pong(ctl, link_in, link_out):
     rx = link_in.receiver()
     tx = link_out.sender()
-    ctl.send("opened")
-    ctl.recv()
-    rx.ready()
-    tx.ready()
-    ctl.send("ready")
-    ctl.recv()
+    handshake(ctl, rx, tx)
     send, recv = tx.send, rx.recv
     n = 0
     while True:
@@ -256,8 +258,13 @@ def pingpong_once(tcls, payload: int, policy: str, cfg: LatencyConfig) -> dict:
     return {"samples": samples, "schedule": sched, "warmup": ra[3], "cpus": plan}
 
 
+def _case_pin(case, cfg: LatencyConfig) -> str:
+    return case[3] if len(case) > 3 and case[3] else cfg.pin
+
+
 def run_latency(cases, cfg: LatencyConfig, progress=None, errors=None) -> list[dict]:
-    """Measure every (transport class, payload, policy) case of `cases`,
+    """Measure every (transport class, payload, policy[, pinning]) case of
+    `cases` (pinning: split, same, none or auto; default cfg.pin),
     interleaved in rounds (round r measures each case once), and return one
     record per case (see docs/BENCH.md for the fields).  With `errors` (a
     list), a case that fails is recorded there and dropped; otherwise the
@@ -269,18 +276,21 @@ def run_latency(cases, cfg: LatencyConfig, progress=None, errors=None) -> list[d
     failed: set = set()
     for r in range(cfg.runs):
         for c in cases:
-            tcls, payload, policy = c
+            tcls, payload, policy = c[:3]
+            pin = _case_pin(c, cfg)
             if progress:
-                progress.step(f"latency {tcls.name} {policy} {fmt_size(payload)} run {r + 1}/{cfg.runs}")
+                progress.step(f"latency {tcls.name} {policy} {fmt_size(payload)}"
+                              f"{'' if pin == cfg.pin else ' ' + pin} run {r + 1}/{cfg.runs}")
             if c in failed:
                 continue
             try:
-                res = pingpong_once(tcls, payload, policy, cfg)
+                res = pingpong_once(tcls, payload, policy,
+                                    cfg if pin == cfg.pin else replace(cfg, pin=pin))
             except (Exception, TimeoutError) as e:
                 if errors is None:
                     raise
                 failed.add(c)
-                errors.append({"case": f"latency {tcls.name} {policy} {payload} B",
+                errors.append({"case": f"latency {tcls.name} {policy} {payload} B {pin}",
                                "error": f"{type(e).__name__}: {e}"})
                 if progress:
                     progress.note(f"FAILED latency {tcls.name} {policy} {fmt_size(payload)}: "
@@ -297,12 +307,13 @@ def run_latency(cases, cfg: LatencyConfig, progress=None, errors=None) -> list[d
     for c in cases:
         if c in failed:
             continue
-        tcls, payload, policy = c
+        tcls, payload, policy = c[:3]
+        pin = _case_pin(c, cfg)
         pct, combined, cmean = summarize_runs(per_case[c], mean_case[c] or None)
         rec = {
             "transport": tcls.name,
             "policy": policy,
-            "pinning": {"mode": resolve_pin(cfg.pin, policy), "requested": cfg.pin,
+            "pinning": {"mode": resolve_pin(pin, policy), "requested": pin,
                         "cpus": cpus_used[c]},
             "payload": payload,
             "mode": "fixed-rate" if cfg.rate else "pingpong",

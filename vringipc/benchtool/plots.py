@@ -1,24 +1,37 @@
 """PNG plots of the results with matplotlib (optional: ``pip install
 'vringipc[bench]'`` or ``pip install matplotlib``).
 
-* ``latency_percentiles_<payload>.png``: the percentile distribution of the
-  round trip per transport and wait policy (HdrHistogram style: x = percentile
-  on a 1/(1-p) scale, y = microseconds, log);
-* ``latency_vs_payload.png``: p50 (line, with the min-max band over runs) and
-  p99 (dotted) against payload size, log-log;
-* ``throughput_vs_payload.png``: messages/s and bytes/s against payload size.
+Every plot shows the statistic the tables show: for each case the median over
+runs of each run's own figure, with error bars from the smallest to the
+largest run; a case whose runs disagree by more than 2x is drawn hollow.
+Titles name the machine, its CPUs and the pinning.
+
+* ``latency_percentiles_<payload>B.png``: p50 ... p99.99 and max of the round
+  trip, one panel per pinning (unpinned, split CPUs, same CPU), one line per
+  transport and wait policy;
+* ``latency_vs_payload.png`` (three payload sizes or more): p50 against
+  payload, log-log, one panel per pinning;
+* ``throughput_vs_payload.png``: messages/s against payload, log-log, one
+  panel per API (single send/recv, batch);
+* ``oversub.png``: round trips/s summed over P pairs against P.
 """
 
 from __future__ import annotations
 
 import os
 
-from vringipc.benchtool.latency import decode, fmt_size
+from vringipc.benchtool.latency import fmt_size
+from vringipc.benchtool.report import DISAGREE, disagreement
 
 __all__ = ["available", "install_hint", "plot_all"]
 
 INSTALL_HINT = ("plots skipped: matplotlib is not installed. Install it with "
                 "`pip install 'vringipc[bench]'` (or `pip install matplotlib`) and run again.")
+
+STAT_NOTE = (f"median over runs of each run's figure; bars = min-max over runs; hollow = runs "
+             f">{DISAGREE:g}x apart")
+_PIN_LABEL = {"none": "unpinned", "split": "split CPUs", "same": "same CPU"}
+_PCTS = ("p50", "p90", "p99", "p99.9", "p99.99", "max")
 
 
 def available() -> bool:
@@ -40,38 +53,54 @@ def _plt():
     return plt
 
 
-_STYLE = {"block": "-", "spin": "--", "adaptive": ":"}
-
-
 def _width(transport: str) -> float:
-    return 2.4 if transport.startswith("vringipc.") else 1.3
+    return 2.6 if transport.startswith("vringipc.") else 1.2
+
+
+# one colour per transport in every plot: vringipc in black and red, the others
+# in the remaining tab10 colours
+_FIXED = {"vringipc.Channel": "black", "vringipc.Queue": "tab:red", "mp.Queue": "tab:blue",
+          "mp.SimpleQueue": "tab:orange", "mp.Pipe": "tab:green", "os.pipe": "tab:purple",
+          "unix.socket": "tab:brown", "faster-fifo": "tab:pink", "pyzmq": "tab:olive",
+          "iceoryx2": "tab:cyan"}
 
 
 def _colors(names):
-    import matplotlib
-    cmap = matplotlib.colormaps.get_cmap("tab10")
-    return {n: cmap(i % 10) for i, n in enumerate(sorted(set(names)))}
+    spare = ["tab:gray", "gold", "navy", "teal", "lime", "maroon"]
+    out = {}
+    for i, n in enumerate(sorted(set(names) - set(_FIXED))):
+        out[n] = spare[i % len(spare)]
+    return {**_FIXED, **out}
 
 
-def _subtitle(doc) -> str:
+def _machine(doc) -> str:
     m = doc.get("machine", {})
     load = doc.get("load") or {}
-    s = f"{m.get('cpu_model') or '?'}, {m.get('cores_online')} CPUs, Linux {m.get('kernel')}, "
-    s += f"Python {m.get('python')}"
+    s = (f"{m.get('cpu_model') or '?'}, {m.get('cores_online')} CPUs, Linux {m.get('kernel')}, "
+         f"Python {m.get('python')}")
     if load.get("others_cpus") is not None:
         s += f"; other processes used {load['others_cpus']:.2f} CPUs"
     return s
 
 
-def _pct_curve(h):
-    xs, ys = [], []
-    for it in h.get_percentile_iterator(5):
-        p = it.percentile_level_iterated_to
-        if p >= 100.0:
-            break
-        xs.append(1.0 / (1.0 - p / 100.0))
-        ys.append(it.value_iterated_to / 1000.0)
-    return xs, ys
+def _pin_title(recs) -> str:
+    modes = sorted({r["pinning"]["mode"] for r in recs})
+    cpus = sorted({str(r["pinning"]["cpus"]) for r in recs
+                   if r["pinning"]["mode"] != "none" and r["pinning"].get("cpus")})
+    s = ", ".join(_PIN_LABEL.get(x, x) for x in modes)
+    return s + (f" (CPUs {'; '.join(cpus)})" if cpus else "")
+
+
+def _errbar(ax, xs, med, lo, hi, flagged, color, label, lw, style="-"):
+    """A line through the medians, min-max bars, hollow markers where the
+    runs disagree."""
+    ax.plot(xs, med, style, color=color, linewidth=lw, label=label)
+    yerr = [[max(m - a, 0) for m, a in zip(med, lo)], [max(b - m, 0) for m, b in zip(med, hi)]]
+    ax.errorbar(xs, med, yerr=yerr, fmt="none", ecolor=color, elinewidth=0.8, capsize=2,
+                alpha=0.8)
+    for x, y, f in zip(xs, med, flagged):
+        ax.plot([x], [y], "o", markersize=4 if not f else 6, color=color,
+                markerfacecolor=color if not f else "white")
 
 
 def _size_axis(ax, sizes):
@@ -82,111 +111,143 @@ def _size_axis(ax, sizes):
     ax.minorticks_off()
 
 
+def _panels(plt, n, title, doc, width=6.0, height=4.8):
+    fig, axes = plt.subplots(1, n, figsize=(width * n + 1, height), squeeze=False, sharey=True)
+    fig.suptitle(f"{title}\n{_machine(doc)}\n{STAT_NOTE}", fontsize=9)
+    return fig, list(axes[0])
+
+
+def _save(fig, plt, out_dir, name) -> str:
+    fig.tight_layout()
+    p = os.path.join(out_dir, name)
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    return p
+
+
+def _by_pinning(recs) -> list:
+    order = {"none": 0, "split": 1, "same": 2}
+    modes = sorted({r["pinning"]["mode"] for r in recs}, key=lambda m: order.get(m, 9))
+    return [(m, [r for r in recs if r["pinning"]["mode"] == m]) for m in modes]
+
+
 def plot_latency_percentiles(doc, out_dir) -> list[str]:
     plt = _plt()
-    recs = doc.get("latency", [])
+    recs = [r for r in doc.get("latency", []) if r.get("mode", "pingpong") == "pingpong"]
     colors = _colors(r["transport"] for r in recs)
     paths = []
+    xs = list(range(len(_PCTS)))
     for payload in sorted({r["payload"] for r in recs}):
-        fig, ax = plt.subplots(figsize=(9, 5.5))
-        for r in [r for r in recs if r["payload"] == payload]:
-            xs, ys = _pct_curve(decode(r["hdr"]))
-            if not xs:
-                continue
-            ax.plot(xs, ys, _STYLE.get(r["policy"], "-"), color=colors[r["transport"]],
-                    label=f"{r['transport']} [{r['policy']}]", linewidth=_width(r["transport"]))
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ticks = [1, 2, 10, 100, 1000, 10000, 100000]
-        ax.set_xticks(ticks)
-        ax.set_xticklabels(["0%", "50%", "90%", "99%", "99.9%", "99.99%", "99.999%"])
-        ax.set_xlabel("percentile")
-        ax.set_ylabel("round trip, microseconds")
-        ax.set_title(f"Round-trip latency distribution, {fmt_size(payload)} payload\n{_subtitle(doc)}",
-                     fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", ncol=2)
-        fig.tight_layout()
-        p = os.path.join(out_dir, f"latency_percentiles_{payload}B.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        groups = _by_pinning([r for r in recs if r["payload"] == payload])
+        fig, axes = _panels(plt, len(groups),
+                            f"Round trip, {fmt_size(payload)} each way: percentiles", doc)
+        for ax, (mode, rs) in zip(axes, groups):
+            for r in sorted(rs, key=lambda r: (r["transport"], r["policy"])):
+                p = r["percentiles"]
+                med = [p[k]["median"] for k in _PCTS]
+                if any(v is None for v in med):
+                    continue
+                flagged = [bool(disagreement(p[k]["runs"])) for k in _PCTS]
+                _errbar(ax, xs, med, [p[k]["min"] for k in _PCTS], [p[k]["max"] for k in _PCTS],
+                        flagged, colors[r["transport"]], f"{r['transport']} [{r['policy']}]",
+                        _width(r["transport"]))
+            ax.set_yscale("log")
+            ax.set_xticks(xs)
+            ax.set_xticklabels(_PCTS)
+            ax.set_xlabel("percentile of each run")
+            ax.set_title(f"pinning: {_pin_title(rs)}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7, loc="upper left")
+        axes[0].set_ylabel("round trip, microseconds (log)")
+        paths.append(_save(fig, plt, out_dir, f"latency_percentiles_{payload}B.png"))
     return paths
 
 
 def plot_latency_vs_payload(doc, out_dir) -> list[str]:
     plt = _plt()
-    recs = [r for r in doc.get("latency", []) if r.get("mode", "pingpong") == "pingpong"
-            or r.get("mode") == "fixed-rate"]
-    if len({r["payload"] for r in recs}) < 2:
-        return []
+    recs = [r for r in doc.get("latency", []) if r.get("mode", "pingpong") == "pingpong"]
+    if len({r["payload"] for r in recs}) < 3:
+        return []            # two points per line say nothing a table does not
     colors = _colors(r["transport"] for r in recs)
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    keys = sorted({(r["transport"], r["policy"]) for r in recs})
-    for t, pol in keys:
-        rs = sorted([r for r in recs if r["transport"] == t and r["policy"] == pol],
-                    key=lambda r: r["payload"])
-        xs = [r["payload"] for r in rs]
-        p50 = [r["percentiles"]["p50"]["median"] for r in rs]
-        lo = [r["percentiles"]["p50"]["min"] for r in rs]
-        hi = [r["percentiles"]["p50"]["max"] for r in rs]
-        p99 = [r["percentiles"]["p99"]["median"] for r in rs]
-        c = colors[t]
-        ax.plot(xs, p50, _STYLE.get(pol, "-"), marker="o", markersize=3, color=c,
-                label=f"{t} [{pol}] p50", linewidth=_width(t))
-        ax.fill_between(xs, lo, hi, color=c, alpha=0.12)
-        ax.plot(xs, p99, ":", color=c, linewidth=0.8, alpha=0.7)
-    _size_axis(ax, [r["payload"] for r in recs])
-    ax.set_yscale("log")
-    ax.set_xlabel("payload (each way)")
-    ax.set_ylabel("round trip, microseconds")
-    ax.set_title("Round trip against payload: p50 (band = min-max over runs), p99 dotted\n"
-                 + _subtitle(doc), fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", ncol=2)
-    fig.tight_layout()
-    p = os.path.join(out_dir, "latency_vs_payload.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return [p]
+    groups = _by_pinning(recs)
+    fig, axes = _panels(plt, len(groups), "Round trip p50 against payload", doc)
+    for ax, (mode, rs) in zip(axes, groups):
+        for t, pol in sorted({(r["transport"], r["policy"]) for r in rs}):
+            line = sorted((r for r in rs if (r["transport"], r["policy"]) == (t, pol)),
+                          key=lambda r: r["payload"])
+            p50 = [r["percentiles"]["p50"] for r in line]
+            _errbar(ax, [r["payload"] for r in line], [x["median"] for x in p50],
+                    [x["min"] for x in p50], [x["max"] for x in p50],
+                    [bool(disagreement(x["runs"])) for x in p50], colors[t], f"{t} [{pol}]",
+                    _width(t), "--" if pol == "spin" else "-")
+        _size_axis(ax, [r["payload"] for r in rs])
+        ax.set_yscale("log")
+        ax.set_xlabel("payload each way (log)")
+        ax.set_title(f"pinning: {_pin_title(rs)}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_ylabel("round trip p50, microseconds (log)")
+    return [_save(fig, plt, out_dir, "latency_vs_payload.png")]
 
 
 def plot_throughput_vs_payload(doc, out_dir) -> list[str]:
     plt = _plt()
-    recs = doc.get("throughput", [])
+    recs = [r for r in doc.get("throughput", []) if r["producers"] == r["consumers"] == 1]
     if not recs:
         return []
     colors = _colors(r["transport"] for r in recs)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5.2))
-    keys = sorted({(r["transport"], r["policy"], r["api"], r["producers"], r["consumers"])
-                   for r in recs})
-    for t, pol, api, n, m in keys:
-        rs = sorted([r for r in recs if (r["transport"], r["policy"], r["api"], r["producers"],
-                                         r["consumers"]) == (t, pol, api, n, m)],
-                    key=lambda r: r["payload"])
-        xs = [r["payload"] for r in rs]
-        label = f"{t} [{pol}{', batch' if api == 'batch' else ''}{'' if (n, m) == (1, 1) else f', {n}x{m}'}]"
-        style = "-." if api == "batch" else _STYLE.get(pol, "-")
-        for ax, key in ((a1, "msgs_per_s"), (a2, "bytes_per_s")):
-            ys = [r[key]["median"] for r in rs]
-            ax.plot(xs, ys, style, marker="o", markersize=3, color=colors[t], label=label,
-                    linewidth=_width(t))
-            ax.fill_between(xs, [r[key]["min"] for r in rs], [r[key]["max"] for r in rs],
-                            color=colors[t], alpha=0.1)
-    for ax, yl in ((a1, "messages/s"), (a2, "bytes/s")):
-        _size_axis(ax, [r["payload"] for r in recs])
+    apis = [a for a in ("single", "batch") if any(r["api"] == a for r in recs)]
+    fig, axes = _panels(plt, len(apis), "Throughput against payload, 1 producer -> 1 consumer "
+                        f"(pinning: {_pin_title(recs)})", doc)
+    for ax, api in zip(axes, apis):
+        rs = [r for r in recs if r["api"] == api]
+        for t, pol in sorted({(r["transport"], r["policy"]) for r in rs}):
+            line = sorted((r for r in rs if (r["transport"], r["policy"]) == (t, pol)),
+                          key=lambda r: r["payload"])
+            m = [r["msgs_per_s"] for r in line]
+            _errbar(ax, [r["payload"] for r in line], [x["median"] for x in m],
+                    [x["min"] for x in m], [x["max"] for x in m],
+                    [bool(disagreement(x["runs"])) for x in m], colors[t], f"{t} [{pol}]",
+                    _width(t))
+        _size_axis(ax, [r["payload"] for r in rs])
         ax.set_yscale("log")
-        ax.set_xlabel("payload")
-        ax.set_ylabel(yl)
+        ax.set_xlabel("payload (log)")
+        ax.set_title("single send/recv" if api == "single" else "batch send_many/recv_many",
+                     fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-    a1.legend(fontsize=7, loc="lower left", ncol=1)
-    fig.suptitle("Throughput against payload (median, band = min-max over runs)\n"
-                 + _subtitle(doc), fontsize=9)
-    fig.tight_layout()
-    p = os.path.join(out_dir, "throughput_vs_payload.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return [p]
+        ax.legend(fontsize=7, loc="lower left")
+    axes[0].set_ylabel("messages/s (log)")
+    return [_save(fig, plt, out_dir, "throughput_vs_payload.png")]
+
+
+def plot_oversub(doc, out_dir) -> list[str]:
+    plt = _plt()
+    recs = doc.get("oversub", [])
+    if not recs:
+        return []
+    colors = _colors(r["transport"] for r in recs)
+    ncpu = doc.get("machine", {}).get("cores_online")
+    fig, axes = _panels(plt, 1, f"Oversubscription: P ping-pong pairs (2P processes) at once on "
+                        f"{ncpu} CPUs, unpinned", doc, width=8.0)
+    ax = axes[0]
+    for t, pol in sorted({(r["transport"], r["policy"]) for r in recs}):
+        line = sorted((r for r in recs if (r["transport"], r["policy"]) == (t, pol)),
+                      key=lambda r: r["pairs"])
+        m = [r["rt_per_s"] for r in line]
+        _errbar(ax, [r["pairs"] for r in line], [x["median"] for x in m], [x["min"] for x in m],
+                [x["max"] for x in m], [bool(disagreement(x["runs"])) for x in m], colors[t],
+                f"{t} [{pol}]", _width(t))
+    pairs = sorted({r["pairs"] for r in recs})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(pairs)
+    ax.set_xticklabels([str(p) for p in pairs])
+    ax.minorticks_off()
+    ax.set_yscale("log")
+    ax.set_xlabel("pairs P (log)")
+    ax.set_ylabel("round trips/s, all pairs (log)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    return [_save(fig, plt, out_dir, "oversub.png")]
 
 
 def plot_all(doc, out_dir) -> list[str]:
@@ -197,4 +258,5 @@ def plot_all(doc, out_dir) -> list[str]:
         paths += plot_latency_percentiles(doc, out_dir)
         paths += plot_latency_vs_payload(doc, out_dir)
     paths += plot_throughput_vs_payload(doc, out_dir)
+    paths += plot_oversub(doc, out_dir)
     return paths

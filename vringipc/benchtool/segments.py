@@ -30,7 +30,7 @@ from vringipc import layout as L
 from vringipc import peers
 from vringipc.segment import NAME_PREFIX, SHM_DIR, name_pid
 
-__all__ = ["list_names", "inspect", "scan", "gc", "ls_table", "inspect_text", "APP_KINDS"]
+__all__ = ["list_names", "inspect", "scan", "gc", "ls_table", "ls_rows", "LS_COLUMNS", "inspect_text", "APP_KINDS"]
 
 APP_KINDS = {L.APP_RAW: "raw ring", L.APP_CHANNEL: "channel", L.APP_QUEUE: "queue"}
 _STATES = {L.PEER_DETACHED: "detached", L.PEER_ATTACHED: "attached", L.PEER_CLOSED: "closed"}
@@ -261,30 +261,55 @@ def _who(p) -> str:
     return f"{p['pid']}{'' if p['alive'] else ' dead'}{'' if p['state'] == 'attached' else ' ' + p['state']}"
 
 
-def ls_table(infos: list[dict]) -> str:
-    if not infos:
-        return f"no vringipc segments in {SHM_DIR}"
-    cols = (f"{'name':<24} {'size':>9} {'kind':<8} {'creator':<14} {'producer':<14} "
-            f"{'consumer':<14} {'avail/used':>11} {'created':<19}")
-    lines = [cols, "-" * len(cols)]
+LS_COLUMNS = ("name", "size", "kind", "creator", "producer", "consumer", "queue users",
+              "avail/used", "created")
+_LS_RIGHT = {"size", "avail/used"}
+
+
+def ls_rows(infos: list[dict]) -> list[dict]:
+    """One dict per segment, keyed by LS_COLUMNS (the cells of `vringipc ls`).
+    A queue has many users rather than one producer and one consumer: its
+    live users go under "queue users"; a channel's producer and consumer under
+    theirs.  An invalid segment has kind "?" and an extra "error" cell, printed
+    after the columns."""
+    rows = []
     for i in infos:
         c = i.get("creator_pid")
-        creator = "-" if c is None else f"{c}{'' if i.get('creator_alive') else ' dead'}"
+        row = dict.fromkeys(LS_COLUMNS, "-")
+        row.update(name=i["name"], size=_sz(i.get("size")),
+                   creator="-" if c is None else f"{c}{'' if i.get('creator_alive') else ' dead'}")
         if i.get("valid"):
             r = i["rings"][0] if i["rings"] else None
-            au = f"{r['avail_idx']}/{r['used_idx']}" if r else "-"
-            kind = i["app_kind"]
+            row["avail/used"] = f"{r['avail_idx']}/{r['used_idx']}" if r else "-"
+            row["kind"] = i["app_kind"]
+            row["created"] = i.get("created") or "-"
             if i.get("queue_users") is not None:
-                live = sum(1 for u in i["queue_users"] if u["alive"])
-                prod, cons = f"{live} live users", ""
+                users = i["queue_users"]
+                live = sum(1 for u in users if u["alive"])
+                row["queue users"] = f"{live} live of {len(users)}"
             else:
-                prod, cons = _who(i["driver"]), _who(i["device"])
-            lines.append(f"{i['name']:<24} {_sz(i.get('size')):>9} {kind:<8} {creator:<14} "
-                         f"{prod:<14} {cons:<14} {au:>11} {i.get('created') or '-':<19}")
+                row["producer"], row["consumer"] = _who(i["driver"]), _who(i["device"])
         else:
-            lines.append(f"{i['name']:<24} {_sz(i.get('size')):>9} {'?':<8} {creator:<14} "
-                         f"({i.get('error')})")
-    return "\n".join(lines)
+            row["kind"] = "?"
+            row["error"] = str(i.get("error"))
+        rows.append(row)
+    return rows
+
+
+def ls_table(infos: list[dict]) -> str:
+    """`vringipc ls`: one line per segment, every column as wide as its
+    widest cell, so no cell runs into the next column."""
+    if not infos:
+        return f"no vringipc segments in {SHM_DIR}"
+    rows = ls_rows(infos)
+    width = {k: max([len(k)] + [len(r[k]) for r in rows]) for k in LS_COLUMNS}
+
+    def line(cells: dict) -> str:
+        return "  ".join(cells[k].rjust(width[k]) if k in _LS_RIGHT else cells[k].ljust(width[k])
+                         for k in LS_COLUMNS).rstrip()
+    head = line({k: k for k in LS_COLUMNS})
+    body = [line(r) + (f"  ({r['error']})" if "error" in r else "") for r in rows]
+    return "\n".join([head, "-" * len(head)] + body)
 
 
 def inspect_text(i: dict) -> str:

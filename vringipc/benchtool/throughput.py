@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from vringipc.benchtool import transports as T
-from vringipc.benchtool.latency import fmt_size, spread
+from vringipc.benchtool.latency import fmt_size, handshake, spread
 from vringipc.benchtool.procs import Group, cpu_plan_pc, resolve_pin
 
 __all__ = ["ThroughputConfig", "throughput_once", "run_throughput", "supports"]
@@ -69,11 +69,7 @@ def effective_batch(batch: int, payload: int) -> int:
 
 def _producer(ctl, link, payload, api, batch, nstop, window):
     ep = link.sender()
-    ctl.send("opened")
-    ctl.recv()
-    ep.ready()
-    ctl.send("ready")
-    t_go = ctl.recv()
+    t_go = handshake(ctl, ep)
     t_win, t_end = t_go + window[0], t_go + window[0] + window[1]
     msg = bytes(range(256)) * (payload // 256) + bytes(payload % 256)
     pc = time.perf_counter
@@ -115,11 +111,7 @@ def _producer(ctl, link, payload, api, batch, nstop, window):
 
 def _consumer(ctl, link, payload, api, batch, nstop, window):
     ep = link.receiver()
-    ctl.send("opened")
-    ctl.recv()
-    ep.ready()
-    ctl.send("ready")
-    t_go = ctl.recv()
+    t_go = handshake(ctl, ep)
     t_win, t_end = t_go + window[0], t_go + window[0] + window[1]
     pc = time.perf_counter
     cpu = time.process_time

@@ -41,6 +41,11 @@ transport is skipped with a note), ``note`` (one line for the report).
 
 Wait policies: ``spin`` = busy-poll, never sleep; ``block`` = sleep in the
 kernel until woken; ``adaptive`` = spin for ADAPTIVE_SPIN_S, then sleep.
+``default_policy`` is how the transport waits out of the box: "block" (a plain
+blocking ``get()``/``recv()``) for most; vringipc's adapters list a policy
+named "default" that constructs Channel/Queue without a ``spin`` argument, so
+it measures the library's own default wait.  The policy "default" given to a
+benchmark means each transport's own ``default_policy``.
 """
 
 from __future__ import annotations
@@ -57,11 +62,13 @@ import struct
 import tempfile
 import time
 
-__all__ = ["POLICIES", "ADAPTIVE_SPIN_S", "BUSY_SPIN_S", "Endpoint", "PolledEndpoint",
+__all__ = ["POLICIES", "DEFAULT", "resolve_policy", "ADAPTIVE_SPIN_S", "BUSY_SPIN_S", "Endpoint",
+           "PolledEndpoint",
            "Transport", "Unavailable", "register", "unregister", "get", "all_transports",
            "check_available", "SENTINEL", "load_plugin"]
 
 POLICIES = ("spin", "block", "adaptive")
+DEFAULT = "default"           # a transport's own default_policy
 ADAPTIVE_SPIN_S = 50e-6       # the adaptive policy spins this long before sleeping
 BUSY_SPIN_S = 30.0            # "spin": longer than any run, so the waiter never sleeps
 
@@ -163,6 +170,7 @@ class Transport:
 
     name = "?"
     policies: tuple = ("block",)
+    default_policy = "block"
     mpmc = False
     batch = False
     requires: str | None = None
@@ -198,10 +206,18 @@ _REGISTRY: dict[str, type] = {}
 
 def register(cls):
     """Class decorator: make an adapter available under ``cls.name``."""
-    if not cls.policies or set(cls.policies) - set(POLICIES):
-        raise ValueError(f"{cls.__name__}.policies must be a subset of {POLICIES}")
+    if not cls.policies or set(cls.policies) - set(POLICIES + (DEFAULT,)):
+        raise ValueError(f"{cls.__name__}.policies must be a subset of {POLICIES + (DEFAULT,)}")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def resolve_policy(cls, policy: str) -> str:
+    """`policy`, or for "default" the transport's own default_policy (if it
+    supports it, else its first policy)."""
+    if policy != DEFAULT or DEFAULT in cls.policies:
+        return policy
+    return cls.default_policy if cls.default_policy in cls.policies else cls.policies[0]
 
 
 def unregister(name: str) -> None:
@@ -247,6 +263,12 @@ def _spin_s(policy: str) -> float:
     return {"spin": BUSY_SPIN_S, "block": 0.0, "adaptive": ADAPTIVE_SPIN_S}[policy]
 
 
+def _spin_kw(policy: str) -> dict:
+    """vringipc's spin argument for a policy; none for "default" (the
+    library's own default wait, whatever it is)."""
+    return {} if policy == DEFAULT else {"spin": _spin_s(policy)}
+
+
 def _arena(max_msg: int, depth: int) -> int:
     """Bytes of shared buffer for `depth` messages of max_msg (at least two
     whole messages, at least 1 MiB, at most 256 MiB unless one message needs more)."""
@@ -263,13 +285,14 @@ class VringChannel(Transport):
     """vringipc.Channel: SPSC, bytes, one copy in and one copy out."""
 
     name = "vringipc.Channel"
-    policies = POLICIES
+    policies = POLICIES + (DEFAULT,)     # "default": Channel() as constructed by users
+    default_policy = DEFAULT
     batch = True
     note = "SPSC; send/recv copy once each way"
 
     def __init__(self, max_msg, policy, depth=64):
         from vringipc import Channel
-        self.ch = Channel(capacity=_arena(max_msg + 64, depth), num=256, spin=_spin_s(policy))
+        self.ch = Channel(capacity=_arena(max_msg + 64, depth), num=256, **_spin_kw(policy))
 
     def sender(self):
         ch = self.ch
@@ -291,13 +314,14 @@ class VringQueue(Transport):
     """vringipc.Queue: MPMC, pickles the bytes object like multiprocessing."""
 
     name = "vringipc.Queue"
-    policies = POLICIES
+    policies = POLICIES + (DEFAULT,)     # "default": Queue() as constructed by users
+    default_policy = DEFAULT
     mpmc = True
     note = "MPMC, pickle protocol 5"
 
     def __init__(self, max_msg, policy, depth=64):
         from vringipc import Queue
-        self.q = Queue(capacity=_arena(max_msg + 256, depth), spin=_spin_s(policy))
+        self.q = Queue(capacity=_arena(max_msg + 256, depth), **_spin_kw(policy))
 
     def sender(self):
         return Endpoint(send=self.q.put, close=self.q.close)
@@ -766,6 +790,7 @@ class Iceoryx2(Transport):
 
     name = "iceoryx2"
     policies = ("spin",)
+    default_policy = "spin"
     requires = "iceoryx2"
     note = "zero-copy pub/sub, polled (receive() loop): spin only"
 
