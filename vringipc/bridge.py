@@ -105,6 +105,7 @@ MAX_BATCH = 4096                    # messages per DATA message
 MAX_BUFS = 4094                     # out-of-band buffers per Queue message (parts <= 4096)
 MAX_SEQ = (1 << 63) - 1
 INLINE_MAX = 8192                   # parts shorter than this travel packed in one frame
+DEFAULT_MAX_MESSAGE = 1 << 30      # a receiver refuses larger messages (--max-message)
 ACK_BYTES = 1 << 20                 # a receiver acknowledges at least every MiB
 HOLD_FROM = 65536                   # a Queue sender takes messages this large without a copy
 
@@ -726,6 +727,7 @@ class ReceiverCore:
 
     def __init__(self, sink, state=None, *, stop=None, put_slice: float = 0.1):
         self.sink = sink if hasattr(sink, "put") and hasattr(sink, "check") else _sink(sink)
+        self.max_message = self.sink.max_message
         self.state = state if state is not None else _MemoryState()
         self.sessions: dict[bytes, _Session] = {}
         self.stop = stop or threading.Event()
@@ -790,9 +792,9 @@ class ReceiverCore:
     def _data(self, rid, frames):
         s = self.sessions.get(rid)
         if s is None:
-            parse_data(frames, self.sink.max_message)          # still refuse garbage loudly
+            parse_data(frames, self.max_message)               # still refuse garbage loudly
             return self._resync(rid)
-        seq, msgs = parse_data(frames, self.sink.max_message, self.sink.check)
+        seq, msgs = parse_data(frames, self.max_message, self.sink.check)
         if seq > s.delivered + 1:
             return self._resync(rid, s)
         skip = s.delivered + 1 - seq
@@ -832,13 +834,16 @@ class Receiver:
 
     def __init__(self, sink, endpoint: str, *, bind: bool = True, state_file: str | None = None,
                  curve: CurveServer | None = None, allow_remote: bool = False,
-                 rcvhwm: int = 64):
+                 rcvhwm: int = 64, max_message: int = DEFAULT_MAX_MESSAGE):
         zmq = _zmq()
         self.stop = threading.Event()
         self.state = StateFile(state_file) if state_file else None
         try:
             self.core = ReceiverCore(sink, self.state, stop=self.stop)
-            max_frame = self.core.sink.max_message + 64
+            # refuse larger messages (and frames) than this, whatever the local
+            # object could hold: what one network message may make us buffer
+            self.core.max_message = min(self.core.sink.max_message, max_message)
+            max_frame = self.core.max_message + 64
 
             def setup(sock):
                 sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -1216,6 +1221,9 @@ def add_cli(sub) -> None:
                    help=f"sender: messages per network message at most (default {DEFAULT_BATCH})")
     p.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
                    help="sender: on SIGINT/SIGTERM wait this long for acknowledgements")
+    p.add_argument("--max-message", type=int, default=DEFAULT_MAX_MESSAGE, metavar="B",
+                   help="receiver: refuse messages larger than this (default 1 GiB, and never "
+                        "more than the local object takes)")
     p.add_argument("--state", metavar="FILE", help="receiver: file recording the last delivered "
                    "message per sender, so a restart duplicates nothing")
     p.add_argument("--curve-secret", metavar="FILE", help="this side's secret key file "
@@ -1311,7 +1319,7 @@ def cli_main(args) -> int:
                        allow_remote=args.allow_remote)
         else:
             b = Receiver(local, endpoint, bind=bind, state_file=args.state, curve=curve,
-                         allow_remote=args.allow_remote)
+                         allow_remote=args.allow_remote, max_message=args.max_message)
             if not args.state:
                 log.warning("no --state file: a restart of this receiver may deliver the "
                             "senders' unacknowledged windows twice")
