@@ -177,6 +177,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_oversub(osb)
     bs.add_parser("list", help="the registered transport adapters and whether they can run here")
 
+    from vringipc.bridge import add_cli as _add_bridge
+    _add_bridge(sub)
     ls = sub.add_parser("ls", help="list vringipc shared-memory segments in /dev/shm (creator, "
                                    "producer/consumer liveness, size, ring state)")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -223,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)
             return 130
+    if args.cmd == "bridge":
+        from vringipc.bridge import cli_main
+        return cli_main(args)
     if args.cmd in ("ls", "inspect", "gc"):
         from vringipc.benchtool import segments as S
         if args.cmd == "ls":

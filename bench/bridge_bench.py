@@ -1,0 +1,234 @@
+"""Bridged throughput and added round-trip latency over loopback, in the same
+run as raw pyzmq PUSH/PULL with the same message sizes.
+
+    python bench/bridge_bench.py [--runs 3] [--kind queue|channel] [--json out.json]
+
+Throughput: a producer process puts N messages into a local object, a sender
+bridge and a receiver bridge (two more processes) carry them over
+tcp://127.0.0.1, and the consumer (this process) gets them: messages/s from
+the first get to the last.  The baseline is what one would write without
+vringipc: a PUSH socket in the producer, a PULL socket in the consumer, one
+zmq message per message.  64 B messages are bytes (put/get; send/recv) and
+are batched by the bridge (up to 512 per network message; zmq batches small
+messages in its I/O thread too).  From 64 KiB on, both sides use their
+zero-copy calls: a NumPy array put (one copy into shared memory) and
+get_nocopy() against send(copy=False)/recv(copy=False).
+
+Latency: ping-pong of a 64 B message, A -> bridge pair -> B -> bridge pair -> A,
+against a raw zmq ping-pong (PUSH/PULL both ways): the medians and their
+difference, the round-trip latency the bridges add.
+
+Medians over --runs repeats, the cases interleaved.  On a shared machine the
+figures are noisy: compare ratios from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import multiprocessing
+import socket
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import zmq  # noqa: E402
+
+import vringipc  # noqa: E402
+from vringipc import bridge  # noqa: E402
+
+SIZES = {64: 200_000, 65536: 4_000, 1 << 20: 400}
+ZERO_COPY_FROM = 65536       # from this size both sides use their zero-copy calls
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child(fn, *args) -> multiprocessing.Process:
+    p = multiprocessing.get_context("fork").Process(target=fn, args=args)
+    p.start()
+    return p
+
+
+def run_bridge(kind, local, ep):
+    bridge.run_until_signal(bridge.Sender(local, ep) if kind == "send"
+                            else bridge.Receiver(local, ep))
+
+
+def reap(procs, term=()):
+    for p in term:
+        p.terminate()
+    for p in procs:
+        p.join(60)
+
+
+def make(kind, size, n):
+    if kind == "queue":
+        return vringipc.Queue(capacity=max(64 << 20, 8 * size))
+    return vringipc.Channel(max(16 << 20, 8 * size), num=1024)
+
+
+def bridged_tp(kind, size, n):
+    a, b = make(kind, size, n), make(kind, size, n)
+    put = a.put if kind == "queue" else a.send
+    get = b.get if kind == "queue" else b.recv
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    br = [child(run_bridge, "recv", b, ep), child(run_bridge, "send", a, ep)]
+    msg = b"x" * size
+    if kind == "queue" and size >= ZERO_COPY_FROM:
+        msg = np.frombuffer(msg, np.uint8)       # out-of-band: one copy in, none out
+        get = b.get_nocopy
+
+    def produce():
+        for _ in range(n):
+            put(msg)
+    get_one = get
+    p = child(produce)
+    get_one(timeout=60)
+    t0 = time.perf_counter()
+    for _ in range(n - 1):
+        get(timeout=60)
+    dt = time.perf_counter() - t0
+    reap([p])
+    reap(br, br)
+    a.close()
+    b.close()
+    return (n - 1) / dt
+
+
+def raw_tp(size, n):
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(ep)
+    msg = b"x" * size
+
+    def produce():
+        c = zmq.Context()
+        s = c.socket(zmq.PUSH)
+        s.linger = 10000
+        s.connect(ep)
+        for _ in range(n):
+            s.send(msg, copy=size < ZERO_COPY_FROM)
+        s.close()
+        c.term()
+    p = child(produce)
+    pull.recv()
+    t0 = time.perf_counter()
+    for _ in range(n - 1):
+        pull.recv(copy=size < ZERO_COPY_FROM)
+    dt = time.perf_counter() - t0
+    reap([p])
+    pull.close()
+    ctx.term()
+    return (n - 1) / dt
+
+
+def bridged_rtt(kind, rounds=2000):
+    objs = [make(kind, 64, 0) for _ in range(4)]       # a->(bridge)->b, c->(bridge)->d
+    a, b, c, d = objs
+    ep1, ep2 = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    br = [child(run_bridge, "recv", b, ep1), child(run_bridge, "send", a, ep1),
+          child(run_bridge, "recv", d, ep2), child(run_bridge, "send", c, ep2)]
+    put_a = a.put if kind == "queue" else a.send
+    get_d = d.get if kind == "queue" else d.recv
+
+    def echo():
+        g = b.get if kind == "queue" else b.recv
+        p = c.put if kind == "queue" else c.send
+        for _ in range(rounds + 100):
+            p(g(timeout=60))
+    e = child(echo)
+    msg = b"x" * 64
+    lat = []
+    for i in range(rounds + 100):
+        t0 = time.perf_counter_ns()
+        put_a(msg)
+        get_d(timeout=60)
+        if i >= 100:
+            lat.append(time.perf_counter_ns() - t0)
+    reap([e])
+    reap(br, br)
+    for o in objs:
+        o.close()
+    return statistics.median(lat) / 1e3
+
+
+def raw_rtt(rounds=2000):
+    ep1, ep2 = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    push.bind(ep1)
+    pull.bind(ep2)
+
+    def echo():
+        c = zmq.Context()
+        i, o = c.socket(zmq.PULL), c.socket(zmq.PUSH)
+        i.connect(ep1)
+        o.connect(ep2)
+        for _ in range(rounds + 100):
+            o.send(i.recv())
+        o.linger = 5000
+        i.close()
+        o.close()
+        c.term()
+    e = child(echo)
+    lat = []
+    for k in range(rounds + 100):
+        t0 = time.perf_counter_ns()
+        push.send(b"x" * 64)
+        pull.recv()
+        if k >= 100:
+            lat.append(time.perf_counter_ns() - t0)
+    reap([e])
+    push.close(0)
+    pull.close(0)
+    ctx.term()
+    return statistics.median(lat) / 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--kind", choices=("queue", "channel"),
+                    default="queue" if hasattr(vringipc.Queue, "get_message") else "channel")
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args()
+    res: dict = {"kind": args.kind, "runs": args.runs, "throughput": {}, "latency_us": {}}
+    tp = {s: {"bridged": [], "raw": []} for s in SIZES}
+    rtt = {"bridged": [], "raw": []}
+    for r in range(args.runs):
+        for size, n in SIZES.items():
+            tp[size]["raw"].append(raw_tp(size, n))
+            tp[size]["bridged"].append(bridged_tp(args.kind, size, n))
+            print(f"run {r + 1} {size:>8} B: raw {tp[size]['raw'][-1]:>10,.0f}  bridged "
+                  f"{tp[size]['bridged'][-1]:>10,.0f} msg/s", file=sys.stderr)
+        rtt["raw"].append(raw_rtt())
+        rtt["bridged"].append(bridged_rtt(args.kind))
+    print(f"\nbridged {args.kind} -> {args.kind} vs raw pyzmq PUSH/PULL, tcp://127.0.0.1, "
+          f"medians of {args.runs} runs")
+    print(f"{'size':>9} {'raw msg/s':>12} {'bridged msg/s':>14} {'ratio':>7}")
+    for size in SIZES:
+        raw = statistics.median(tp[size]["raw"])
+        br = statistics.median(tp[size]["bridged"])
+        res["throughput"][size] = {"raw": tp[size]["raw"], "bridged": tp[size]["bridged"],
+                                   "ratio": br / raw}
+        print(f"{size:>9} {raw:>12,.0f} {br:>14,.0f} {br / raw:>6.0%}")
+    rr, rb = statistics.median(rtt["raw"]), statistics.median(rtt["bridged"])
+    res["latency_us"] = {"raw": rtt["raw"], "bridged": rtt["bridged"], "added": rb - rr}
+    print(f"round trip 64 B (median): raw zmq {rr:.0f} us, through two bridge pairs {rb:.0f} us,"
+          f" added {rb - rr:.0f} us")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
