@@ -694,51 +694,58 @@ cdef class QueueCore:
             self._drained()
             vr_lock_release(self.plock)
 
-    cdef int _place(self, uint64_t *pp, uint64_t need, uint64_t tail_pos, bint empty) noexcept nogil:
-        """Choose where `need` bytes go, starting from position *pp: skip the
-        region's end, prefer low offsets (restart at the start when nothing is
-        in flight; wrap early when little is), check room against tail_pos,
-        commit the chunks.  *pp = the position; 0, -ENOSPC or -errno."""
-        cdef uint64_t p = pp[0], o, p2, soft, skip = 0
+    cdef bint _fit(self, uint64_t *pp, uint64_t need, uint64_t tail_pos) noexcept nogil:
+        """From position *pp on, the first place for `need` bytes: not across
+        the region's end, not over a pinned extent, not past the tail.  True
+        and *pp = that place, or False."""
+        cdef uint64_t p = pp[0], o = pp[0] % self.data_size, skip = 0
         cdef uint32_t k
+        for k in range(2 * PIN_N + 2):          # each round moves forward: bounded
+            if o + need > self.data_size:
+                p = self._pos_add(p, self.data_size - o)   # skip the region's tail end
+                o = 0
+                continue
+            if vr_load_relaxed_u32(self.pinned) == 0 or not self._pinned_overlap(o, need, &skip):
+                break
+            p = self._pos_add(p, skip - o)                 # go around a pinned extent
+            o = skip
+        else:
+            return False
+        if self._pos_diff(self._pos_add(p, need), tail_pos) > self.data_size:
+            return False
+        pp[0] = p
+        return True
+
+    cdef int _place(self, uint64_t *pp, uint64_t need, uint64_t tail_pos, bint empty) noexcept nogil:
+        """Choose where `need` bytes go, starting from position *pp (see _fit),
+        preferring low offsets: restart at the arena's start when nothing is
+        in flight, wrap early when little is.  Commits the chunks.  *pp = the
+        position; 0, -ENOSPC or -errno."""
+        cdef uint64_t p = pp[0], o, p2, soft
         if p >= self.pos_mod or tail_pos >= self.pos_mod:
             return -ENOSPC                       # corrupt state: never write astray
         o = p % self.data_size
         if empty:
             if o:
                 p = self._pos_add(p, self.data_size - o)
-                o = 0
             tail_pos = p
             self._trim()
-        elif o + need > self.data_size:
-            p = self._pos_add(p, self.data_size - o)   # skip the region's tail end
-            o = 0
-        else:
+        elif o:
+            # Wrap early only with a wide margin: the bytes left behind stay
+            # "in use" until the tail passes them, so the head must not catch
+            # up with a lagging tail in the low region.
             soft = 2 * (self._pos_diff(p, tail_pos) + need)
             if soft < (RETAIN_CHUNKS << CHUNK_SHIFT):
                 soft = RETAIN_CHUNKS << CHUNK_SHIFT
-            if o and o + need > soft:
-                p2 = self._pos_add(p, self.data_size - o)      # wrap early
-                if self._pos_diff(self._pos_add(p2, need), tail_pos) <= self.data_size:
-                    p = p2
-                    o = 0
-        if vr_load_relaxed_u32(self.pinned) != 0:
-            # Go around pinned extents (each skip moves forward; bounded).
-            for k in range(2 * PIN_N + 2):
-                if o + need > self.data_size:
-                    p = self._pos_add(p, self.data_size - o)
-                    o = 0
-                    continue
-                if not self._pinned_overlap(o, need, &skip):
-                    break
-                p = self._pos_add(p, skip - o)
-                o = skip
-            else:
-                return -ENOSPC
-        if self._pos_diff(self._pos_add(p, need), tail_pos) > self.data_size:
+            if o + need > soft and tail_pos % self.data_size >= 2 * soft:
+                p2 = self._pos_add(p, self.data_size - o)      # wrap early if it fits
+                if self._fit(&p2, need, tail_pos):
+                    pp[0] = p2
+                    return self._reserve(p2 % self.data_size, need)
+        if not self._fit(&p, need, tail_pos):
             return -ENOSPC
         pp[0] = p
-        return self._reserve(o, need)
+        return self._reserve(p % self.data_size, need)
 
     cdef inline void _copy_parts(self, uint8_t *dst, const uint8_t **srcs, const uint64_t *lens,
                                  uint32_t nparts) noexcept nogil:
@@ -959,7 +966,7 @@ cdef class QueueCore:
                     raise MemoryError(f"cannot commit shared memory for a {total}-byte message "
                                       f"({_os_strerror(-rc)}): the machine, its memory cgroup "
                                       f"or /dev/shm is out of memory")
-                if rc == -ENOSPC and self.maxsize == 0:
+                if rc == -ENOSPC and self.maxsize == 0 and self._really_full(total):
                     # An unbounded queue never blocks and never raises Full:
                     # only its arena (capacity bytes in flight) can run out.
                     raise MemoryError(self._arena_full_message(total))
@@ -993,12 +1000,35 @@ cdef class QueueCore:
         finally:
             self.mapped.leave()
 
+    cdef bint _really_full(self, uint64_t total):
+        """ENOSPC on an unbounded queue: is at least half the arena in use,
+        or are zero-copy results holding the space?  Else the head has met a
+        lagging tail right after an early wrap (see _place): the consumers
+        free room within moments, so wait for them like a bounded queue."""
+        cdef uint64_t st = vr_load_relaxed_u64(self.pstate)
+        cdef uint16_t a = <uint16_t>(st & 0xffff)
+        cdef uint16_t r = <uint16_t>vr_load_relaxed_u32(self.reclaim)
+        cdef uint64_t tail = (st >> 16) if a == r else vr_load_relaxed_u64(&self.slot_start[r & self.mask])
+        cdef uint64_t used = self._pos_diff(st >> 16, tail) + total
+        cdef uint32_t k
+        if vr_load_relaxed_u32(self.pinned) >= PIN_N:
+            return True                          # pins hold the tail back
+        for k in range(PIN_N):                   # bytes pinned aside count as used
+            if vr_load_relaxed_u32(&self.pins[k].holder):
+                used += _align_up(self.pins[k].len, ALLOC_ALIGN)
+        return used >= self.data_size // 2
+
     def _arena_full_message(self, uint64_t total):
         held = self.held_messages()
         why = (f"; {held} message(s) are still held by zero-copy results (get_nocopy), "
                "which keeps their bytes and everything after them in use") if held else ""
+        cdef uint64_t st = vr_load_relaxed_u64(self.pstate)
+        cdef uint16_t a = <uint16_t>(st & 0xffff)
+        cdef uint16_t r = <uint16_t>vr_load_relaxed_u32(self.reclaim)
+        cdef uint64_t tail = (st >> 16) if a == r else vr_load_relaxed_u64(&self.slot_start[r & self.mask])
         return (f"queue arena full: no room for a {total}-byte message among "
-                f"{self.data_size} bytes of capacity{why}")
+                f"{self.data_size} bytes of capacity ({self._pos_diff(st >> 16, tail)} in use "
+                f"by {<uint16_t>(a - r)} descriptors){why}")
 
     def put_parts(self, parts, bint block=True, timeout=None):
         """Publish one message made of the buffers in `parts` (see _put_c)."""
