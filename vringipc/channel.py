@@ -29,8 +29,9 @@ never SIGBUS) and gives back all but the first few MiB whenever nothing is in
 flight over them.  A message pins only its own bytes: a kept MessageView (or
 a pending loan) does not stop later traffic from reusing the space around it.
 If kept views take so much room that a blocked send can never proceed (the
-consumer has read everything else and waits for more), the send raises
-MemoryError naming the held views and bytes instead of hanging.
+consumer has read everything else and waits for more, and nothing has been
+released for a second), the send raises MemoryError naming the held views and
+bytes instead of hanging; a send that times out says so in its Full.
 
 A Channel reaches other processes by fork (inherited), as a
 multiprocessing.Process argument under spawn/forkserver (pickled with its fds),
