@@ -5,11 +5,28 @@
 # Producer: every message is one contiguous arena allocation and one
 # descriptor.  Allocation is a byte ring over the arena window (FIFO order)
 # that tolerates out-of-order release: a message's bytes return to the pool
-# once it and every older allocation are done, so a long-held view delays
-# reuse but never lets later traffic overwrite it.
+# once it and every older allocation are done.  An allocation still live when
+# younger ones are done (a kept MessageView, a loan not yet committed) does
+# not hold the ring up: when room runs short the tail skips over it and its
+# extent goes to a small private table that placement steps around, so it
+# pins only its own bytes (no head-of-line stall).  Later traffic still never
+# overwrites it.
 # Consumer: recv copies out and completes at once; recv_view hands out a
 # MessageView over shared memory and completes when the view is released and
 # no buffer export of it remains.
+#
+# Memory follows the data: the window is committed in 1 MiB chunks by the
+# producer just before it first writes into one (MADV_POPULATE_WRITE, so "no
+# memory" is an errno here, a MemoryError for the caller, instead of SIGBUS
+# or the OOM killer at first touch), and chunks past the first RETAIN ones
+# are given back (MADV_REMOVE) when nothing is in flight over them.  The
+# record of reserved chunks is the producer's own (its allocator state is
+# private anyway): a producer that takes over starts with every chunk
+# unknown, re-reserves what it uses (harmless) and gives back the whole
+# window tail at its first drain.  Placement prefers low offsets: an empty
+# channel restarts at the window start and one with little in flight wraps
+# early, so a steady stream stays in the retained chunks whatever the
+# capacity.
 #
 # Lifetime (the _Mapped protocol of _ring.pyx): close() only marks an end
 # closed and wakes its sleepers; every method that sleeps or copies without
@@ -26,6 +43,52 @@ cdef enum:
     F_LIVE = 0                # fifo entry states
     F_DONE = 1                # used by the consumer (head already back on the free list)
     F_CANCELLED = 2           # loan cancelled: head freed when the entry is popped
+    CH_CHUNK_SHIFT = 20       # arena committed in 1 MiB chunks
+    CH_RETAIN_CHUNKS = 4      # kept when the channel drains
+
+
+cdef extern from "<sys/mman.h>" nogil:
+    int _ch_madvise "madvise"(void *addr, size_t length, int advice)
+    enum:
+        CH_MADV_REMOVE "MADV_REMOVE"
+cdef extern from *:
+    """
+    #ifndef MADV_POPULATE_WRITE
+    #define MADV_POPULATE_WRITE 23
+    #endif
+    """
+    enum:
+        CH_MADV_POPULATE_WRITE "MADV_POPULATE_WRITE"
+
+
+cdef int _ch_populate(uint8_t *addr, uint64_t n) noexcept nogil:
+    """Commit [addr, addr + n) (addr page-aligned): 0 or -errno."""
+    while _ch_madvise(addr, n, CH_MADV_POPULATE_WRITE) != 0:
+        if errno == EINTR or errno == EAGAIN:
+            continue
+        if errno == EINVAL:             # a kernel before 5.14: pages come on
+            return 0                    # first touch (unreserved)
+        return -errno
+    return 0
+
+
+def _commit_range(buffer, uint64_t off, uint64_t n):
+    """Commit bytes [off, off + n) of a mapping now (page-wise); MemoryError
+    if there is no memory for them.  Channel uses it for the consumer state
+    area, which lies past the arena window that is committed as it fills."""
+    cdef Py_buffer b
+    cdef uint64_t start = off & ~(<uint64_t>4095)
+    cdef int rc
+    PyObject_GetBuffer(buffer, &b, PyBUF_SIMPLE)
+    try:
+        if off + n > <uint64_t>b.len or n == 0:
+            raise ValueError("range outside the mapping")
+        rc = _ch_populate(<uint8_t *>b.buf + start, off + n - start)
+    finally:
+        PyBuffer_Release(&b)
+    if rc < 0:
+        raise MemoryError(f"cannot commit {n} bytes of shared memory "
+                          f"({__import__('os').strerror(-rc)})")
 
 
 cdef inline void _drain_fd(int fd) noexcept nogil:
@@ -49,11 +112,14 @@ cdef class ChannelSender:
     cdef public int peer_fd        # pidfd of the consumer, -1 if unknown
     cdef public int64_t spin_ns    # spin before sleeping when the ring is full
     cdef public object check       # callable run while waiting (peer liveness); may raise
+    cdef public int64_t stall_ns   # see _stalled(): held views end a blocked call after this
+    cdef public int fail_reserve   # test hook: reserving a new chunk fails with this errno
     cdef uint64_t win_off          # arena window [win_off, win_off + win_size)
     cdef uint64_t win_size
     cdef uint64_t pos_head         # next allocation position (bytes, relative)
-    cdef uint64_t pos_tail         # start of the oldest live allocation
+    cdef uint64_t pos_tail         # start of the oldest live allocation in the fifo
     cdef uint16_t *f_head          # [num] fifo: head of each allocation, in order
+    cdef uint64_t *f_start         # [num] fifo: start position of each allocation
     cdef uint64_t *f_end           # [num] fifo: end position of each allocation
     cdef uint64_t *f_prev          # [num] fifo: pos_head before it (to roll back a cancel)
     cdef uint8_t *f_state          # [num] fifo: F_LIVE / F_DONE / F_CANCELLED
@@ -61,22 +127,57 @@ cdef class ChannelSender:
     cdef uint32_t f_r, f_w         # fifo read / write counters
     cdef uint32_t n_loans          # loans handed out and not yet committed/cancelled
     cdef vr_wait_t wpol            # issue 10: wait policy (_wait.pxi)
+    # Live allocations the tail skipped (pinned: a kept view, a pending loan):
+    # window offsets [x_lo, x_hi) of head x_head; placement steps around them.
+    cdef uint8_t *h_skipped        # [num] 1 while the head's allocation is in the table
+    cdef uint16_t *x_head          # [num]
+    cdef uint64_t *x_lo            # [num]
+    cdef uint64_t *x_hi            # [num]
+    cdef uint32_t n_skipped
+    cdef uint64_t skipped_bytes
+    # Chunks this producer has reserved (private: see the top of the file).
+    cdef uint64_t *chunk_map
+    cdef uint64_t nchunks
+    cdef uint64_t n_reserved
+    cdef bint chunks_unknown       # a previous producer may have left chunks committed
+    cdef bint trim_due             # something may have become trimmable since the last trim
+    cdef uint64_t hi_chunk         # 1 + the highest chunk ever reserved
+    # Consumer state (read only, for diagnostics): its fetch record.
+    cdef uint32_t *fetch_rec
+    cdef int64_t stall_since       # when the held-views stall was first seen, -1 = not stalled
+    cdef uint16_t stall_used       # used idx then
+    cdef uint64_t _want            # size the blocked call waits to place
 
     def __cinit__(self, buffer, uint32_t num, uint64_t desc_off, uint64_t avail_off,
                   uint64_t used_off, uint64_t win_off, uint64_t win_size, *,
-                  uint64_t features=0, int kick_fd=-1, int call_fd=-1, spin_ns=DEFAULT_SPIN_NS):
+                  uint64_t features=0, int kick_fd=-1, int call_fd=-1, spin_ns=DEFAULT_SPIN_NS,
+                  uint64_t state_off=0, double stall=1.0):
         self.mapped = _Mapped(buffer, "channel")
         _vrd_setup(&self.d, self.mapped, num, desc_off, avail_off, used_off, win_off, win_size,
                    features)
         self.win_off = win_off
         self.win_size = win_size
         self.f_head = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
+        self.f_start = <uint64_t *>PyMem_RawCalloc(num, sizeof(uint64_t))
         self.f_end = <uint64_t *>PyMem_RawCalloc(num, sizeof(uint64_t))
         self.f_prev = <uint64_t *>PyMem_RawCalloc(num, sizeof(uint64_t))
         self.f_state = <uint8_t *>PyMem_RawCalloc(num, 1)
         self.h_fifo = <uint32_t *>PyMem_RawCalloc(num, sizeof(uint32_t))
-        if not (self.f_head and self.f_end and self.f_prev and self.f_state and self.h_fifo):
+        self.h_skipped = <uint8_t *>PyMem_RawCalloc(num, 1)
+        self.x_head = <uint16_t *>PyMem_RawCalloc(num, sizeof(uint16_t))
+        self.x_lo = <uint64_t *>PyMem_RawCalloc(num, sizeof(uint64_t))
+        self.x_hi = <uint64_t *>PyMem_RawCalloc(num, sizeof(uint64_t))
+        self.nchunks = (win_size + (1ULL << CH_CHUNK_SHIFT) - 1) >> CH_CHUNK_SHIFT
+        self.chunk_map = <uint64_t *>PyMem_RawCalloc((self.nchunks + 63) // 64 + 1, 8)
+        if not (self.f_head and self.f_start and self.f_end and self.f_prev and self.f_state
+                and self.h_fifo and self.h_skipped and self.x_head and self.x_lo and self.x_hi
+                and self.chunk_map):
             raise MemoryError()
+        self.chunks_unknown = True
+        if state_off and state_off % 64 == 0 and state_off + 8 <= <uint64_t>self.mapped.size:
+            self.fetch_rec = <uint32_t *>(self.mapped.base + state_off)
+        self.stall_ns = <int64_t>(stall * 1e9)
+        self.stall_since = -1
         self.kick_fd = kick_fd
         self.call_fd = call_fd
         self.peer_fd = -1
@@ -86,10 +187,16 @@ cdef class ChannelSender:
     def __dealloc__(self):
         _vrd_free(&self.d)
         PyMem_RawFree(self.f_head)
+        PyMem_RawFree(self.f_start)
         PyMem_RawFree(self.f_end)
         PyMem_RawFree(self.f_prev)
         PyMem_RawFree(self.f_state)
         PyMem_RawFree(self.h_fifo)
+        PyMem_RawFree(self.h_skipped)
+        PyMem_RawFree(self.x_head)
+        PyMem_RawFree(self.x_lo)
+        PyMem_RawFree(self.x_hi)
+        PyMem_RawFree(self.chunk_map)
 
     def close(self, finalizer=None):
         """Close this end (idempotent): later calls raise ValueError, a call
@@ -102,9 +209,19 @@ cdef class ChannelSender:
     @property
     def max_message(self): return self.win_size
     @property
-    def in_flight(self): return self.f_w - self.f_r
+    def in_flight(self): return self.f_w - self.f_r + self.n_skipped
     @property
-    def bytes_in_flight(self): return self.pos_head - self.pos_tail
+    def bytes_in_flight(self): return self.pos_head - self.pos_tail + self.skipped_bytes
+    @property
+    def pinned(self):
+        """Live allocations the allocator steps around (kept views, pending
+        loans older than finished traffic): (count, bytes)."""
+        return self.n_skipped, self.skipped_bytes
+    @property
+    def reserved_bytes(self):
+        """Window bytes this producer has committed (its own record: chunks a
+        previous producer left are not counted)."""
+        return self.n_reserved << CH_CHUNK_SHIFT
     @property
     def broken(self): return bool(self.d.broken)
     @property
@@ -112,18 +229,58 @@ cdef class ChannelSender:
     @property
     def last_used_idx(self): return self.d.last_used_idx
 
-    cdef inline int _reclaim(self) noexcept nogil:
-        """Take back what the consumer completed; advance the allocation tail.
-        <0 if the consumer broke the used ring."""
-        cdef uint16_t head
-        cdef uint32_t ln, i
-        cdef uint64_t tok
-        cdef int rc
-        while True:
-            rc = vrd_get_buf(&self.d, &head, &ln, &tok)
-            if rc <= 0:
+    # --- skipped (pinned) allocations ----------------------------------------------
+    cdef inline void _unskip(self, uint16_t head) noexcept nogil:
+        cdef uint32_t k
+        for k in range(self.n_skipped):
+            if self.x_head[k] == head:
+                self.skipped_bytes -= self.x_hi[k] - self.x_lo[k]
+                self.trim_due = True
+                self.n_skipped -= 1
+                self.x_head[k] = self.x_head[self.n_skipped]
+                self.x_lo[k] = self.x_lo[self.n_skipped]
+                self.x_hi[k] = self.x_hi[self.n_skipped]
                 break
-            self.f_state[self.h_fifo[head] & self.d.mask] = F_DONE
+        self.h_skipped[head] = 0
+
+    cdef inline uint64_t _pinned_at(self, uint64_t lo, uint64_t hi) noexcept nogil:
+        """End offset of a skipped extent overlapping window offsets [lo, hi),
+        or 0 if none does."""
+        cdef uint32_t k
+        for k in range(self.n_skipped):
+            if self.x_lo[k] < hi and lo < self.x_hi[k]:
+                return self.x_hi[k]
+        return 0
+
+    cdef bint _skip_pinned(self) noexcept nogil:
+        """The oldest allocations are live but younger ones are done: move the
+        live ones at the tail to the skipped table, so that the tail can pass
+        them.  True if the tail moved."""
+        cdef uint32_t j = self.f_r, i
+        cdef uint16_t head
+        while j != self.f_w and self.f_state[j & self.d.mask] == F_LIVE:
+            j += 1
+        if j == self.f_r or j == self.f_w:
+            return False                 # nothing to skip, or nothing done behind it
+        while self.f_r != j:
+            i = self.f_r & self.d.mask
+            head = self.f_head[i]
+            self.h_skipped[head] = 1
+            self.x_head[self.n_skipped] = head
+            self.x_lo[self.n_skipped] = self.f_start[i] % self.win_size
+            self.x_hi[self.n_skipped] = self.x_lo[self.n_skipped] + (self.f_end[i] - self.f_start[i])
+            self.skipped_bytes += self.f_end[i] - self.f_start[i]
+            self.n_skipped += 1
+            self.pos_tail = self.f_end[i]
+            self.f_r += 1
+        self._pop()
+        return True
+
+    # --- reclaim and placement ------------------------------------------------------
+    cdef inline void _pop(self) noexcept nogil:
+        # advance the tail over finished allocations
+        cdef uint32_t i
+        cdef uint16_t head
         while self.f_r != self.f_w:
             i = self.f_r & self.d.mask
             if self.f_state[i] == F_LIVE:
@@ -137,28 +294,137 @@ cdef class ChannelSender:
             self.f_r += 1
         if self.f_r == self.f_w:
             self.pos_head = self.pos_tail = 0      # empty: restart at the window start
+            if self.trim_due or self.chunks_unknown:
+                self._trim()
+
+    cdef inline int _reclaim(self) noexcept nogil:
+        """Take back what the consumer completed; advance the allocation tail.
+        <0 if the consumer broke the used ring."""
+        cdef uint16_t head
+        cdef uint32_t ln
+        cdef uint64_t tok
+        cdef int rc
+        while True:
+            rc = vrd_get_buf(&self.d, &head, &ln, &tok)
+            if rc <= 0:
+                break
+            if self.h_skipped[head]:
+                self._unskip(head)
+            else:
+                self.f_state[self.h_fifo[head] & self.d.mask] = F_DONE
+        self._pop()
         return rc
+
+    cdef void _trim(self) noexcept nogil:
+        """Nothing in the fifo: give back the chunks past the retained ones
+        that no skipped allocation lies in."""
+        cdef uint64_t c, run = 0, lo, hi
+        cdef uint64_t limit = ((self.win_off + self.win_size) & ~(<uint64_t>4095)) - self.win_off
+        cdef uint64_t end = self.nchunks if self.chunks_unknown else self.hi_chunk
+        cdef bint rm
+        self.trim_due = False
+        if self.n_reserved <= CH_RETAIN_CHUNKS and not self.chunks_unknown:
+            return
+        for c in range(CH_RETAIN_CHUNKS, end + 1):
+            rm = False
+            if c < end:
+                lo = c << CH_CHUNK_SHIFT
+                rm = ((self.chunks_unknown or (self.chunk_map[c >> 6] >> (c & 63)) & 1)
+                      and not self._pinned_at(lo, lo + (1ULL << CH_CHUNK_SHIFT)))
+                if rm and (self.chunk_map[c >> 6] >> (c & 63)) & 1:
+                    self.chunk_map[c >> 6] &= ~(1ULL << (c & 63))
+                    self.n_reserved -= 1
+            if rm:
+                if not run:
+                    run = c + 1                      # run start + 1
+            elif run:
+                lo = (run - 1) << CH_CHUNK_SHIFT
+                hi = c << CH_CHUNK_SHIFT
+                if hi > limit:
+                    hi = limit                        # the consumer state page follows
+                if hi > lo:
+                    _ch_madvise(self.d.base + self.win_off + lo, hi - lo, CH_MADV_REMOVE)
+                run = 0
+        self.chunks_unknown = False
+
+    cdef int _commit_chunks(self, uint64_t o, uint64_t n) noexcept nogil:
+        """Reserve the chunks under window offsets [o, o + n): 0 or -errno."""
+        cdef uint64_t c = o >> CH_CHUNK_SHIFT
+        cdef uint64_t last = (o + n - 1) >> CH_CHUNK_SHIFT
+        cdef uint64_t start, ln
+        cdef int rc
+        while c <= last:
+            if not (self.chunk_map[c >> 6] >> (c & 63)) & 1:
+                if self.fail_reserve:
+                    return -self.fail_reserve
+                start = c << CH_CHUNK_SHIFT
+                ln = self.win_size - start
+                if ln > (1ULL << CH_CHUNK_SHIFT):
+                    ln = 1ULL << CH_CHUNK_SHIFT
+                rc = _ch_populate(self.d.base + self.win_off + start, ln)
+                if rc < 0:
+                    return rc
+                self.chunk_map[c >> 6] |= 1ULL << (c & 63)
+                self.n_reserved += 1
+                self.trim_due = True
+                if c >= self.hi_chunk:
+                    self.hi_chunk = c + 1
+            c += 1
+        return 0
+
+    cdef inline int _place(self, uint64_t asz, uint64_t *pp) noexcept nogil:
+        """Where `asz` bytes go now (position in *pp): 0 or -ENOSPC.  No side
+        effects.  Skips the window's end and skipped extents; prefers low
+        offsets (wraps early when little is in flight)."""
+        cdef uint64_t p = self.pos_head
+        cdef uint64_t o = p % self.win_size
+        cdef uint64_t soft, e
+        if o and self.f_r != self.f_w:
+            soft = 2 * (p - self.pos_tail + asz)
+            if soft < (CH_RETAIN_CHUNKS << CH_CHUNK_SHIFT):
+                soft = CH_RETAIN_CHUNKS << CH_CHUNK_SHIFT
+            if o + asz > soft and p + (self.win_size - o) + asz - self.pos_tail <= self.win_size:
+                p += self.win_size - o           # wrap early: stay in the low chunks
+                o = 0
+        while True:
+            if o + asz > self.win_size:
+                p += self.win_size - o           # skip the window's tail end
+                o = 0
+            if p + asz - self.pos_tail > self.win_size:
+                return -ENOSPC
+            if self.n_skipped == 0:
+                break
+            e = self._pinned_at(o, o + asz)
+            if e == 0:
+                break
+            p += e - o                           # step over a pinned extent
+            o = e
+        pp[0] = p
+        return 0
 
     cdef inline int _alloc(self, uint64_t size, uint64_t *off, uint16_t *head) noexcept nogil:
         """Reserve `size` contiguous arena bytes and a descriptor.
-        0 = done, -ENOSPC = no room now, -EINVAL = used ring broken."""
+        0 = done, -ENOSPC = no room now, -EINVAL = used ring broken, other
+        -errno = no memory to commit the bytes."""
         cdef uint64_t asz = _align_up(size if size else 1, ALLOC_ALIGN)
         cdef uint64_t p, o
         cdef uint32_t i
+        cdef int rc
         if self._reclaim() < 0:
             return -EINVAL
         if self.d.num_free == 0:
             return -ENOSPC
-        p = self.pos_head
+        if self._place(asz, &p) < 0:
+            if not self._skip_pinned() or self._place(asz, &p) < 0:
+                return -ENOSPC
         o = p % self.win_size
-        if o + asz > self.win_size:
-            p += self.win_size - o                 # skip the window's tail end
-            o = 0
-        if p + asz - self.pos_tail > self.win_size:
-            return -ENOSPC
+        rc = self._commit_chunks(o, asz)
+        if rc < 0:
+            return rc
         head[0] = vrd_take(&self.d)
         i = self.f_w & self.d.mask
         self.f_head[i] = head[0]
+        self.f_start[i] = p
         self.f_end[i] = p + asz
         self.f_prev[i] = self.pos_head
         self.f_state[i] = F_LIVE
@@ -178,7 +444,13 @@ cdef class ChannelSender:
 
     cdef inline void _cancel(self, uint16_t head) noexcept nogil:
         cdef uint32_t i = self.h_fifo[head] & self.d.mask
-        if self.h_fifo[head] + 1 == self.f_w:
+        if self.h_skipped[head]:
+            # skipped by the tail already: forget the extent, free the head
+            self._unskip(head)
+            self.d.link[head] = <uint16_t>self.d.free_head
+            self.d.free_head = head
+            self.d.num_free += 1
+        elif self.h_fifo[head] + 1 == self.f_w:
             # the newest allocation: roll it back entirely
             self.pos_head = self.f_prev[i]
             self.f_w -= 1
@@ -195,11 +467,66 @@ cdef class ChannelSender:
         if vrd_kick_prepare(&self.d):
             _signal_fd(self.kick_fd)
 
+    # --- waiting for room -----------------------------------------------------------
+    cdef bint _stalled(self, bint waiting=True) noexcept nogil:
+        """Is the room taken by messages only the consumer can give back?  It
+        has fetched every message published (it holds the rest as views) and
+        (if `waiting`) waits for more: unless it releases a view, nothing moves."""
+        cdef uint16_t fetched
+        if self.fetch_rec == NULL or vr_load_acquire_u16(&self.d.used.idx) == self.d.published_idx:
+            return False                 # (read, not reclaimed: that is the wait's wake-up)
+        fetched = <uint16_t>(vr_load_acquire_u32(self.fetch_rec) & 0xffff)
+        if fetched != self.d.published_idx:
+            return False                 # it has messages left to read
+        if not waiting:
+            return True
+        if self.d.event_idx:
+            return vr_load_acquire_u16(self.d.avail_event) == self.d.published_idx
+        return not (vr_load_acquire_u16(&self.d.used.flags) & VR_USED_F_NO_NOTIFY)
+
+    def _held_message(self, uint64_t size):
+        cdef uint32_t i, held
+        cdef uint64_t nbytes
+        self._reclaim()
+        i = self.f_r
+        held = self.n_skipped
+        nbytes = self.skipped_bytes
+        while i != self.f_w:
+            if self.f_state[i & self.d.mask] == F_LIVE:
+                held += 1
+                nbytes += self.f_end[i & self.d.mask] - self.f_start[i & self.d.mask]
+            i += 1
+        loans = (f" ({self.n_loans} of them loans of this producer not yet committed)"
+                 if self.n_loans else "")
+        return (f"no room for a {size}-byte message: {held} message(s) of {nbytes} bytes"
+                f"{loans} are held by the consumer (kept MessageViews) in a "
+                f"{self.win_size}-byte channel, and the consumer has read everything else; "
+                f"release views sooner or use a larger capacity")
+
+    def _wait_check(self):
+        """Run while waiting for room: the peer check, then the held-views
+        stall (MemoryError once it has lasted stall_ns with nothing released)."""
+        cdef int64_t now
+        cdef uint16_t used
+        if self.check is not None:
+            self.check()
+        if not self._stalled():
+            self.stall_since = -1
+            return
+        now = <int64_t>vr_now_ns()
+        used = vr_load_acquire_u16(&self.d.used.idx)
+        if self.stall_since < 0 or self.stall_used != used:
+            self.stall_since = now
+            self.stall_used = used
+        elif self.stall_ns >= 0 and now - self.stall_since >= self.stall_ns:
+            self.stall_since = -1
+            raise MemoryError(self._held_message(self._want))
+
     cdef int _wait_space(self, int64_t deadline) except -1:
         """1 = retry, 0 = timeout, 2 = consumer exited."""
         return _wait_ring(&self.d, _drv_pending, _drv_arm, _drv_disarm, self.call_fd,
-                          self.peer_fd, deadline, self.spin_ns, self.check, 0.1, self.mapped,
-                          &self.wpol)
+                          self.peer_fd, deadline, self.spin_ns, self._wait_check, 0.1,
+                          self.mapped, &self.wpol)
 
     cdef int _reserve(self, uint64_t size, bint block, object timeout, uint64_t *off,
                       uint16_t *head) except -1:
@@ -219,13 +546,21 @@ cdef class ChannelSender:
             if rc == -EINVAL:
                 raise InvalidRing(EINVAL, _DRIVER_REASONS.get(self.d.err_reason, "ring broken")
                                   .format(a=self.d.err_a, b=self.d.err_b), None)
+            if rc != -ENOSPC:
+                raise MemoryError(f"cannot commit shared memory for a {size}-byte message "
+                                  f"({__import__('os').strerror(-rc)}): the machine, its "
+                                  f"memory cgroup or /dev/shm is out of memory")
             if not block:
                 raise Full()
             if deadline == -2:
                 deadline = _deadline(timeout)
+                self.stall_since = -1
+            self._want = size
             old_peer = self.peer_fd
             rc = self._wait_space(deadline)
             if rc == 0:
+                if self._stalled(False):
+                    raise Full(self._held_message(size))
                 raise Full()
             if rc == 2:
                 self._reclaim()
@@ -332,23 +667,24 @@ cdef class ChannelSender:
         self._kick()
 
     def reclaim(self):
-        """Take back completed messages now (normally done on demand)."""
+        """Take back completed messages now (normally done on demand), and
+        give back committed memory if nothing is in flight any more.  Returns
+        the messages still in flight."""
         if not self.mapped.closing and self._reclaim() < 0:
             raise InvalidRing(EINVAL, _DRIVER_REASONS.get(self.d.err_reason, "ring broken")
                               .format(a=self.d.err_a, b=self.d.err_b), None)
-        return self.f_w - self.f_r
+        return self.f_w - self.f_r + self.n_skipped
 
     cdef inline bint _fits(self, uint64_t size) noexcept nogil:
-        """Would _alloc(size) succeed now?  No side effects (call after _reclaim)."""
+        """Would _alloc(size) find room now?  (Call after _reclaim; may move
+        pinned allocations to the skipped table, which changes nothing else.)"""
         cdef uint64_t asz = _align_up(size if size else 1, ALLOC_ALIGN)
-        cdef uint64_t p = self.pos_head
-        cdef uint64_t o
+        cdef uint64_t p
         if self.d.num_free == 0:
             return False
-        o = p % self.win_size
-        if o + asz > self.win_size:
-            p += self.win_size - o
-        return p + asz - self.pos_tail <= self.win_size
+        if self._place(asz, &p) == 0:
+            return True
+        return self._skip_pinned() and self._place(asz, &p) == 0
 
     def arm(self, Py_ssize_t size=0):
         """For event loops, after send(block=False) raised Full: True = still

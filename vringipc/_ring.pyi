@@ -152,19 +152,26 @@ class HeldMessage:
     def __len__(self) -> int: ...
     def __buffer__(self, flags: int) -> memoryview: ...
 
+def _commit_range(buffer: Buffer, off: int, n: int) -> None: ...
+
 class ChannelSender:
     kick_fd: int
     call_fd: int
     peer_fd: int
     spin_ns: int
     check: Callable[[], object] | None
+    stall_ns: int
+    fail_reserve: int
     def __init__(self, buffer: Buffer, num: int, desc_off: int, avail_off: int, used_off: int,
                  win_off: int, win_size: int, *, features: int = 0, kick_fd: int = -1,
-                 call_fd: int = -1, spin_ns: int = ...) -> None: ...
+                 call_fd: int = -1, spin_ns: int = ..., state_off: int = 0,
+                 stall: float = 1.0) -> None: ...
     closed: bool
     max_message: int
     in_flight: int
     bytes_in_flight: int
+    pinned: tuple[int, int]
+    reserved_bytes: int
     broken: bool
     def close(self) -> None: ...
     def send(self, data: Buffer, block: bool = True, timeout: float | None = None) -> None: ...

@@ -2,7 +2,7 @@
 
 ::
 
-    ch = vringipc.Channel(capacity=64 << 20)        # 64 MiB arena
+    ch = vringipc.Channel(capacity=64 << 20)        # up to 64 MiB in flight
     # producer process
     ch.send(b"bytes")                               # one copy, into shared memory
     with ch.loan(frame.nbytes) as buf:              # no copy: write in place
@@ -21,6 +21,18 @@ raise PeerDead instead of waiting forever, and after the producer's clean
 ``close()`` the consumer gets ChannelClosed (an EOFError) once it has read
 everything.
 
+Memory follows the data: `capacity` is address space.  Creating a channel
+commits only its header, rings and consumer state (a few pages); the producer
+commits the arena in 1 MiB chunks as messages occupy it (an out-of-memory
+machine, cgroup or /dev/shm then raises MemoryError in the sending call,
+never SIGBUS) and gives back all but the first few MiB whenever nothing is in
+flight over them.  A message pins only its own bytes: a kept MessageView (or
+a pending loan) does not stop later traffic from reusing the space around it.
+If kept views take so much room that a blocked send can never proceed (the
+consumer has read everything else and waits for more, and nothing has been
+released for a second), the send raises MemoryError naming the held views and
+bytes instead of hanging; a send that times out says so in its Full.
+
 A Channel reaches other processes by fork (inherited), as a
 multiprocessing.Process argument under spawn/forkserver (pickled with its fds),
 or, with ``backend="shm"``, by name from an unrelated process (see
@@ -35,13 +47,17 @@ import weakref
 
 from vringipc import layout as L
 from vringipc import peers
-from vringipc._ring import ChannelReceiver, ChannelSender
+from vringipc._ring import ChannelReceiver, ChannelSender, _commit_range
 from vringipc.errors import ChannelClosed, Full, PeerDead, VringError
 from vringipc.ring import SharedRing
 
 __all__ = ["Channel"]
 
-DEFAULT_CAPACITY = 4 << 20
+# Capacity is address space, committed only as data arrives (see the module
+# docstring), so the default can be generous: 1 GiB lets large frames and
+# bursts through without tuning, at the cost of idle address space only; it
+# stays well below the 4 GiB limit of a descriptor's length.
+DEFAULT_CAPACITY = 1 << 30
 DEFAULT_NUM = 256
 
 _live_channels: "weakref.WeakSet[Channel]" = weakref.WeakSet()
@@ -75,6 +91,10 @@ class Channel:
     def __init__(self, capacity: int = DEFAULT_CAPACITY, *, num: int = DEFAULT_NUM,
                  backend: str = "memfd", name: str | None = None, mode: int = 0o600,
                  spin: float = 50e-6, _ring: SharedRing | None = None):
+        """`capacity`: the largest message and the most bytes in flight
+        (default 1 GiB of address space: memory is committed only for the
+        bytes messages occupy, see the module docstring); `num`: the most
+        messages in flight; `backend`: "memfd" or "shm" (named: attach())."""
         if _ring is None:
             if capacity < 64:
                 raise ValueError("capacity must be at least 64 bytes")
@@ -82,7 +102,16 @@ class Channel:
             _ring = SharedRing.create(num=num, arena_size=capacity + _state_bytes(num),
                                       indirect=False, max_msg=min(capacity, 0xFFFFFFFF),
                                       backend=backend, name=name, mode=mode,
-                                      app_kind=L.APP_CHANNEL)
+                                      app_kind=L.APP_CHANNEL, reserve=0)
+            try:
+                # the consumer state area (end of the window) is written
+                # without a reservation of its own: commit it now
+                r = _ring.layout.rings[0]
+                _commit_range(_ring.segment.buf, r.win_off + capacity, _state_bytes(num))
+            except BaseException:
+                _ring.close()
+                _ring.unlink()
+                raise
         elif _ring.layout.app_kind != L.APP_CHANNEL:
             _ring.close()
             raise ValueError("segment is not a vringipc Channel")
@@ -176,10 +205,12 @@ class Channel:
                 # not let a later call allocate over the old producer's bytes)
                 self._await_quiescent(block, deadline)
                 self._needs_quiesce = False
-            self._tx = ChannelSender(self._ring.segment.buf, *self._window(),
+            win = self._window()
+            self._tx = ChannelSender(self._ring.segment.buf, *win,
                                      features=self._ring.layout.features,
                                      kick_fd=self._ring.kick_fds[0],
-                                     call_fd=self._ring.call_fds[0], spin_ns=self._spin_ns)
+                                     call_fd=self._ring.call_fds[0], spin_ns=self._spin_ns,
+                                     state_off=win[4] + win[5])
             self._tx.check = self._check_consumer
             # Hot path: from now on ch.send / ch.send_many are the Cython
             # methods themselves (no Python frame in between).
@@ -308,6 +339,17 @@ class Channel:
         self._check_open()
         tx, timeout = self._producer(block, timeout)
         return tx.loan(size, block, timeout)
+
+    def trim(self) -> int:
+        """Producer side: take back what the consumer has finished and, if
+        nothing is in flight, give back the committed memory past the first
+        few MiB now (otherwise done by the next send).  Returns the bytes the
+        producer has committed.  0 in a process that is not the producer."""
+        if self._tx is None:
+            return 0
+        self._check_open()
+        self._tx.reclaim()
+        return self._tx.reserved_bytes
 
     # --- consumer API ---------------------------------------------------------------
     def recv(self, block: bool = True, timeout: float | None = None) -> bytes:
