@@ -140,7 +140,13 @@ cdef enum:
     Q_PLOCK_OFF = 0x440            # u64 producer lock (vr_lock.h), 0 = free
     Q_PSTATE_OFF = 0x448           # u64 avail idx (low 16 bits) | arena head pos << 16
     Q_RECLAIM_OFF = 0x450          # u32 oldest message that may still use arena bytes
+    # The counters sit on their side's lock line: a put or get touches no
+    # extra cache line for them, and a spinning peer watches one line.
+    Q_PUTS_OFF = 0x458             # u64 messages published (approximate after a kill)
+    Q_CHUNKS_OFF = 0x460           # u64 arena chunks committed now
     Q_CLOCK_OFF = 0x480            # u64 consumer lock (vr_lock.h)
+    Q_TAKES_OFF = 0x488            # u64 messages taken
+    Q_CURSOR_OFF = 0x490           # u64 batch cursor: used idx | position << 16
     # The sleeper counts are read by the other side on every call: each on a
     # line of its own that is written only when someone goes to sleep, so the
     # reads stay cache hits instead of bouncing the lock lines.
@@ -155,6 +161,7 @@ QUEUE_OFFSETS = {
     "prod_lock": Q_PLOCK_OFF, "prod_state": Q_PSTATE_OFF, "reclaim": Q_RECLAIM_OFF,
     "put_sleepers": Q_PUT_SLEEPERS_OFF, "cons_lock": Q_CLOCK_OFF,
     "get_sleepers": Q_GET_SLEEPERS_OFF, "unfinished": Q_UNFINISHED_OFF,
+    "puts": Q_PUTS_OFF, "chunks": Q_CHUNKS_OFF, "takes": Q_TAKES_OFF, "cursor": Q_CURSOR_OFF,
     "join_sleepers": Q_JOIN_SLEEPERS_OFF,
 }
 
@@ -200,12 +207,8 @@ cdef enum:
     REC_HDR = 64                           # batch record header: u64 message length
     PIN_N = 64                             # pinned extents table entries
     # window side area, before the data region:
-    W_PUTS = 0                             # u64 messages published (producer line)
-    W_CHUNKS = 8                           # u64 chunks reserved now (producer line)
-    W_TAKES = 64                           # u64 messages taken (consumer line)
-    W_CURSOR = 72                          # u64 batch cursor: used idx | position << 16
-    W_PINNED = 128                         # u32 pinned extents in use (released lock-free)
-    W_CTRL = 192
+    W_PINNED = 0                           # u32 pinned extents in use (released lock-free)
+    W_CTRL = 64
     W_PINS = W_CTRL                        # PIN_N x {u64 position, u32 bytes, u32 holder pid}
 
 ctypedef struct q_pin:
@@ -375,10 +378,10 @@ cdef class QueueCore:
         self.desc = <vr_desc *>(self.base + desc_off)
         self.avail = <vr_avail *>(self.base + avail_off)
         self.used = <vr_used *>(self.base + used_off)
-        self.puts = <uint64_t *>(self.base + win_off + W_PUTS)
-        self.chunks_held = <uint64_t *>(self.base + win_off + W_CHUNKS)
-        self.takes = <uint64_t *>(self.base + win_off + W_TAKES)
-        self.cursor = <uint64_t *>(self.base + win_off + W_CURSOR)
+        self.puts = <uint64_t *>(self.base + Q_PUTS_OFF)
+        self.chunks_held = <uint64_t *>(self.base + Q_CHUNKS_OFF)
+        self.takes = <uint64_t *>(self.base + Q_TAKES_OFF)
+        self.cursor = <uint64_t *>(self.base + Q_CURSOR_OFF)
         self.pinned = <uint32_t *>(self.base + win_off + W_PINNED)
         self.pins = <q_pin *>(self.base + win_off + W_PINS)
         self.slot_start = <uint64_t *>(self.base + win_off + W_PINS + PIN_N * sizeof(q_pin))

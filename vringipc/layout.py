@@ -46,7 +46,9 @@ its own 64-byte line)::
               (positions count modulo the largest multiple of the arena size
               below 2**48, so offsets never jump when they wrap)
     0x450  4  reclaim idx: oldest message that may still occupy arena bytes
+    0x458  8  messages published      0x460  8  arena chunks committed now
     0x480  8  consumer lock (as the producer lock)
+    0x488  8  messages taken          0x490  8  batch cursor: used idx | position << 16
     0x4C0  4  producers asleep     0x500  4  consumers asleep
     0x540  8  unfinished tasks     0x548  4  processes asleep in join()
     0x580  4  producers' wait hint 0x5C0  4  consumers' wait hint (see below)
