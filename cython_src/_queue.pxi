@@ -775,8 +775,14 @@ cdef class QueueCore:
         cdef bint batch
         cdef int rc
         r = self._reclaim(a)
-        if self.maxsize and self._count() >= self.maxsize:
-            return -ENOSPC
+        if self.maxsize:
+            # Without batches a descriptor is a message: the ring indices
+            # count exactly, and used->idx is on a line _reclaim just read.
+            if self.batching:
+                if self._count() >= self.maxsize:
+                    return -ENOSPC
+            elif <uint16_t>(a - vr_load_relaxed_u16(&self.used.idx)) >= self.maxsize:
+                return -ENOSPC
         if <uint16_t>(a - r) >= self.num:
             if not self.batching:
                 return -ENOSPC
