@@ -53,8 +53,17 @@ its own 64-byte line)::
     0x540  8  unfinished tasks     0x548  4  processes asleep in join()
     0x580  4  producers' wait hint 0x5C0  4  consumers' wait hint (see below)
     0x600  16*160  process table: u32 pid, u32 reserved, u64 start time
-    window start: u64 slot_start[num], u32 held[num] (holder tid of a
-                  message pinned by a zero-copy view), then message bytes
+    window start (cython_src/_queue.pxi, _side_bytes): u32 pinned extents in
+                  use; 64 x {u64 position, u32 bytes, u32 holder pid} pinned
+                  extents (held messages reclamation went past); u64
+                  slot_start[num]; u64 held[num] (holder pid | position << 32
+                  of a message pinned by a zero-copy view); the bitmap of
+                  committed 1 MiB arena chunks; page aligned.  Then the data
+                  region: messages (u32 nbufs, u32 kind, u64 main length, u64
+                  buffer lengths; main at +64, each buffer 64-aligned) and
+                  batches (u32 0xFFFFFFFF, u32 "BTCH", then records: u64
+                  length or ~0 = go on at the next lap, padded to 64, then a
+                  message).
 
 Ring table entry (64 bytes, at 0x080 + 64*i)::
 
