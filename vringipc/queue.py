@@ -16,7 +16,11 @@ number of producer and consumer processes.  Differences, all deliberate:
   entries are in use, producers pack further messages into one descriptor (a
   batch, see _queue.pxi).  What bounds it is `capacity`, the arena's bytes:
   address space (default 16 GiB) committed only as data arrives; running out
-  of it, or of memory, raises MemoryError.  A positive maxsize keeps its
+  of it, or of memory, raises MemoryError.  One narrow exception: the
+  allocator keeps a steady stream in the arena's first megabytes by wrapping
+  early (see _queue.pxi); if the consumers then stall while the producers add
+  more than the low region holds, a put waits for them (put_nowait raises
+  Full) although most of the arena is free.  A positive maxsize keeps its
   exact stdlib meaning.  An object whose pickle can never fit raises
   MessageTooLarge (a ValueError) at once.
 * ``qsize()`` works everywhere (it reads two counters in the segment) and is
