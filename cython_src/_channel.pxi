@@ -408,7 +408,7 @@ cdef class ChannelSender:
         0 = done, -ENOSPC = no room now, -EINVAL = used ring broken, other
         -errno = no memory to commit the bytes."""
         cdef uint64_t asz = _align_up(size if size else 1, ALLOC_ALIGN)
-        cdef uint64_t p, o
+        cdef uint64_t p, o, c
         cdef uint32_t i
         cdef int rc
         if self._reclaim() < 0:
@@ -418,7 +418,11 @@ cdef class ChannelSender:
         if self._place(asz, &p, &o) < 0:
             if not self._skip_pinned() or self._place(asz, &p, &o) < 0:
                 return -ENOSPC
-        rc = self._commit_chunks(o, asz)
+        c = o >> CH_CHUNK_SHIFT
+        if c != (o + asz - 1) >> CH_CHUNK_SHIFT or not (self.chunk_map[c >> 6] >> (c & 63)) & 1:
+            rc = self._commit_chunks(o, asz)     # (the common case, one committed chunk, skips it)
+        else:
+            rc = 0
         if rc < 0:
             return rc
         head[0] = vrd_take(&self.d)
@@ -1074,14 +1078,17 @@ cdef class ChannelReceiver:
         vrh_abandon(&self.h, 1)
         self._unfetched(head)
 
-    cdef int _copy_out(self, uint8_t *dst, uint64_t total) except -1:
+    cdef inline int _copy_out(self, uint8_t *dst, uint64_t total) except -1:
         """Copy the message _next put in self.riov to dst.  A big single
         segment is copied without the GIL, from a pointer taken before: the
         shared riov may be refilled by another thread meanwhile."""
         cdef const uint8_t *src
-        if self.riov.used == 1 and total > 65536:
+        if self.riov.used == 1:
             src = self.h.base + self.riov.seg[0].off
-            with nogil:
+            if total > 65536:
+                with nogil:
+                    memcpy(dst, src, total)
+            else:
                 memcpy(dst, src, total)
         else:
             vrh_iov_pull(&self.riov, self.h.base, dst, total)

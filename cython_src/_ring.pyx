@@ -289,6 +289,7 @@ cdef int64_t _remaining(int64_t deadline) noexcept nogil:
     return r if r > 0 else 0
 
 
+@cython.final            # direct (inlinable) calls of enter/leave on every call
 @cython.no_gc_clear      # tp_clear must never drop view.obj without PyBuffer_Release
 cdef class _Mapped:
     """The lifetime of one ring side's view of the segment: THE close protocol.
@@ -335,14 +336,14 @@ cdef class _Mapped:
             PyBuffer_Release(&self.view)
             self.has_view = False
 
-    cdef int enter(self) except -1:
+    cdef inline int enter(self) except -1:
         """Start a call: ValueError if closed."""
         if self.closing:
             raise ValueError(f"{self.what} is closed")
         self.calls += 1
         return 0
 
-    cdef void leave(self) noexcept:
+    cdef inline void leave(self) noexcept:
         self.calls -= 1
         if self.closing and self.calls == 0 and self.pins == 0:
             self._finish()
