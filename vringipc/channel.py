@@ -2,7 +2,7 @@
 
 ::
 
-    ch = vringipc.Channel(capacity=64 << 20)        # up to 64 MiB in flight
+    ch = vringipc.Channel(capacity=64 << 20)        # up to 64 MiB in flight (committed as used)
     # producer process
     ch.send(b"bytes")                               # one copy, into shared memory
     with ch.loan(frame.nbytes) as buf:              # no copy: write in place
