@@ -362,7 +362,8 @@ cdef class QueueCore:
     cdef public uint64_t stolen_locks   # locks taken over from dead owners (diagnostics)
     cdef public object first_use        # callable run once per (process, thread) before its first put/get
     cdef uint32_t registered_pid
-    cdef uint64_t last_caller           # lock identity of the last thread through first_use
+    cdef uint64_t callers[8]            # lock identities of threads already through first_use
+    cdef uint32_t ncallers
     cdef vr_wait_t wget, wput           # issue 10: wait policy of get / put (_wait.pxi)
 
     def __cinit__(self, buffer, uint32_t num, uint64_t desc_off, uint64_t avail_off,
@@ -1020,16 +1021,21 @@ cdef class QueueCore:
         finally:
             self.mapped.leave()
 
+    cdef inline uint64_t _in_flight(self) noexcept nogil:
+        """Arena bytes between the oldest unreclaimed message and the head
+        (what the FIFO counts as in use; a snapshot, without the lock)."""
+        cdef uint64_t st = vr_load_relaxed_u64(self.pstate)
+        cdef uint16_t a = <uint16_t>(st & 0xffff)
+        cdef uint16_t r = <uint16_t>vr_load_relaxed_u32(self.reclaim)
+        cdef uint64_t tail = (st >> 16) if a == r else vr_load_relaxed_u64(&self.slot_start[r & self.mask])
+        return self._pos_diff((st >> 16) % self.pos_mod, tail % self.pos_mod)
+
     cdef bint _really_full(self, uint64_t total):
         """ENOSPC on an unbounded queue: is at least half the arena in use,
         or are zero-copy results holding the space?  Else the head has met a
         lagging tail right after an early wrap (see _place): the consumers
         free room within moments, so wait for them like a bounded queue."""
-        cdef uint64_t st = vr_load_relaxed_u64(self.pstate)
-        cdef uint16_t a = <uint16_t>(st & 0xffff)
-        cdef uint16_t r = <uint16_t>vr_load_relaxed_u32(self.reclaim)
-        cdef uint64_t tail = (st >> 16) if a == r else vr_load_relaxed_u64(&self.slot_start[r & self.mask])
-        cdef uint64_t used = self._pos_diff(st >> 16, tail) + total
+        cdef uint64_t used = self._in_flight() + total
         cdef uint32_t k
         if vr_load_relaxed_u32(self.pinned) >= PIN_N:
             return True                          # pins hold the tail back
@@ -1042,13 +1048,8 @@ cdef class QueueCore:
         held = self.held_messages()
         why = (f"; {held} message(s) are still held by zero-copy results (get_nocopy), "
                "which keeps their bytes and everything after them in use") if held else ""
-        cdef uint64_t st = vr_load_relaxed_u64(self.pstate)
-        cdef uint16_t a = <uint16_t>(st & 0xffff)
-        cdef uint16_t r = <uint16_t>vr_load_relaxed_u32(self.reclaim)
-        cdef uint64_t tail = (st >> 16) if a == r else vr_load_relaxed_u64(&self.slot_start[r & self.mask])
         return (f"queue arena full: no room for a {total}-byte message among "
-                f"{self.data_size} bytes of capacity ({self._pos_diff(st >> 16, tail)} in use "
-                f"by {<uint16_t>(a - r)} descriptors){why}")
+                f"{self.data_size} bytes of capacity ({self._in_flight()} in use){why}")
 
     def put_parts(self, parts, bint block=True, timeout=None):
         """Publish one message made of the buffers in `parts` (see _put_c)."""
@@ -1080,12 +1081,25 @@ cdef class QueueCore:
 
     cdef inline int _note_caller(self) except -1:
         # Once per (process, thread): the queue records who uses it (its
-        # PeerDead check counts them).  One compare on the hot path.
+        # PeerDead check counts them).  The last 8 callers are remembered, so
+        # threads taking turns on one queue stay off the Python path.
         cdef uint64_t me = vr_lock_me()
-        if self.last_caller != me or self.registered_pid != vr_getpid():
-            self.first_use()
-            self.registered_pid = vr_getpid()
-            self.last_caller = me
+        cdef uint32_t k
+        if self.registered_pid == vr_getpid():
+            if self.callers[0] == me:
+                return 0
+            for k in range(1, self.ncallers):
+                if self.callers[k] == me:
+                    return 0
+        else:
+            self.ncallers = 0                 # a forked child: its own threads only
+        self.first_use()
+        self.registered_pid = vr_getpid()
+        if self.ncallers < 8:
+            self.ncallers += 1
+        for k in range(self.ncallers - 1, 0, -1):     # newest first
+            self.callers[k] = self.callers[k - 1]
+        self.callers[0] = me
         return 0
 
     # --- the Queue's put/get fast path ---------------------------------------------

@@ -214,7 +214,7 @@ class Queue:
         this process has used it (nobody could wake us)."""
         me = os.getpid()
         current = threading.get_ident()
-        live = threading._active        # ident -> Thread, for threads still running
+        live = {t.ident for t in threading.enumerate()}
         if any(t != current and t in live for t in self._threads):
             return
         words = self._ring.words
