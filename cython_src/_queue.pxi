@@ -209,6 +209,7 @@ cdef enum:
     BATCH_KIND = 0x48435442                # "BTCH", header word 1
     REC_HDR = 64                           # batch record header: u64 message length
     PIN_N = 64                             # pinned extents table entries
+    ALIVE_MS = 10                          # a holder seen alive is not asked again for this long
     # window side area, before the data region:
     W_PINNED = 0                           # u32 pinned extents in use (released lock-free)
     W_CTRL = 64
@@ -365,6 +366,9 @@ cdef class QueueCore:
     cdef uint64_t callers[8]            # lock identities of threads already through first_use
     cdef uint32_t ncallers
     cdef vr_wait_t wget, wput           # issue 10: wait policy of get / put (_wait.pxi)
+    cdef uint64_t alive[4]              # pid | ms << 32 of holders seen alive lately (_dead)
+    cdef int64_t last_trim_ns           # when this process last gave chunks back (_trim)
+    cdef public int64_t trim_every_ns   # and how often it may (100 ms; a test hook)
 
     def __cinit__(self, buffer, uint32_t num, uint64_t desc_off, uint64_t avail_off,
                   uint64_t used_off, uint64_t win_off, uint64_t win_size, *,
@@ -372,6 +376,7 @@ cdef class QueueCore:
                   uint64_t maxsize=0, int kick_fd=-1, int call_fd=-1, int join_fd=-1,
                   spin_ns=DEFAULT_SPIN_NS):
         self.mapped = _Mapped(buffer, "queue")
+        self.trim_every_ns = 100_000_000
         check_ring_geometry(self.mapped.size, num, desc_off, avail_off, used_off, win_off, win_size)
         cdef uint64_t side = _side_bytes(num, win_size)
         if win_off % 4096 or win_size <= side + 4096:
@@ -585,7 +590,7 @@ cdef class QueueCore:
         else:
             # full: drop the entries of dead holders, then give up
             for k in range(PIN_N):
-                if _pid_dead(vr_load_relaxed_u32(&self.pins[k].holder)):
+                if self._dead(vr_load_relaxed_u32(&self.pins[k].holder)):
                     if vr_cas_u32(&self.pins[k].holder, self.pins[k].holder, 0):
                         vr_fetch_add_u32(self.pinned, <uint32_t>-1)
             return False
@@ -611,12 +616,31 @@ cdef class QueueCore:
             eo = self.pins[k].pos % self.data_size
             elen = _align_up(self.pins[k].len, ALLOC_ALIGN)
             if eo < o + need and o < eo + elen:
-                if _pid_dead(holder):          # its holder died: the pin goes with it
+                if self._dead(holder):         # its holder died: the pin goes with it
                     if vr_cas_u32(&self.pins[k].holder, holder, 0):
                         vr_fetch_add_u32(self.pinned, <uint32_t>-1)
                     continue
                 skip_to[0] = eo + elen
                 return True
+        return False
+
+    cdef bint _dead(self, uint32_t pid) noexcept nogil:
+        """_pid_dead(pid), answered from memory for a pid seen alive in the
+        last ALIVE_MS: a put that finds the pins table full or a kept view
+        in its way asks about the same few holders each time, and each exact
+        answer costs a kill() and a /proc read.  A death is seen ALIVE_MS
+        late at most.  Entries are one u64 each, so threads racing on the
+        cache only ever see whole entries."""
+        cdef uint32_t now = <uint32_t>(vr_now_ns() // 1000000)
+        cdef uint64_t e
+        cdef int i
+        for i in range(4):
+            e = vr_load_relaxed_u64(&self.alive[i])
+            if <uint32_t>e == pid and <uint32_t>(now - <uint32_t>(e >> 32)) < ALIVE_MS:
+                return False
+        if _pid_dead(pid):
+            return True
+        vr_store_relaxed_u64(&self.alive[pid & 3], (<uint64_t>now << 32) | pid)
         return False
 
     cdef inline uint16_t _reclaim(self, uint16_t a) noexcept nogil:
@@ -631,7 +655,7 @@ cdef class QueueCore:
         while r != u:
             h = vr_load_acquire_u64(&self.held[r & self.mask])
             if h != 0:
-                if _pid_dead(<uint32_t>h):
+                if self._dead(<uint32_t>h):
                     vr_cas_u64(&self.held[r & self.mask], h, 0)   # its pin goes with it
                 elif not self._pin(r, h):
                     break                        # the table is full: wait for releases
@@ -666,10 +690,22 @@ cdef class QueueCore:
     cdef void _trim(self) noexcept nogil:
         """Under the producer lock with nothing in flight: give back every
         chunk past the retained ones (but none under a pinned extent).  Walks
-        the bitmap a word at a time: a 16 GiB arena is 256 words."""
+        the bitmap a word at a time: a 16 GiB arena is 256 words.
+
+        At most every trim_every_ns (100 ms) per process: a stream whose bursts pass
+        the retained chunks drains thousands of times a second, and giving
+        the chunks back each time made every burst commit (zero) them anew,
+        a madvise pair per MiB that cost a bridge an eighth of its CPU.  A
+        trim skipped that way is done by a consumer that sleeps a slice on
+        the drained queue, or the next put into it."""
         cdef uint64_t w, c, start, ln, word, skip
+        cdef int64_t now
         if self.chunks_held[0] <= RETAIN_CHUNKS:
             return
+        now = <int64_t>vr_now_ns()
+        if now - self.last_trim_ns < self.trim_every_ns:
+            return
+        self.last_trim_ns = now
         for w in range(RETAIN_CHUNKS >> 6, (self.nchunks + 63) >> 6):
             word = self.chunk_map[w]
             while word:
@@ -1437,6 +1473,8 @@ cdef class QueueCore:
                         # a timeout the caller gets Empty at the deadline, as with
                         # multiprocessing, so drain loops keep working.)
                         self.check()
+                    if slept:
+                        self._trim_if_drained()     # what a rate-limited trim left (_trim)
                     vr_wait_sleeping(&self.wget)            # issue 10 hint
                     rc = self._doze(self.kick_fd, deadline)
                     slept = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 
 import numpy as np
 import pytest
@@ -70,6 +71,31 @@ def test_ten_100_mib_arrays_and_the_memory_comes_back():
         assert a[0] == i and a[-1] == i
     del a
     assert q._core.reserved_bytes <= 4 << 20          # given back after the drain
+    q.close()
+
+
+@pytest.mark.timeout(60)
+def test_trims_are_rate_limited_and_a_sleeping_consumer_finishes_them():
+    # A stream whose bursts pass the retained chunks drains over and over:
+    # giving the chunks back at every drain made each burst commit (zero)
+    # them again.  A process trims at most every trim_every_ns; what it
+    # skipped is given back by a consumer that sleeps on the drained queue.
+    q = Queue()
+    burst = [np.full(1 << 20, i, dtype=np.uint8) for i in range(12)]
+    q._core.trim_every_ns = 3600 * 10**9
+    for rnd in range(3):
+        for a in burst:
+            q.put(a)
+        for i in range(len(burst)):
+            assert q.get(timeout=WAIT)[0] == i
+        if rnd == 0:
+            assert q._core.reserved_bytes <= 4 << 20      # the first drain trims
+        else:
+            assert q._core.reserved_bytes >= 12 << 20     # later ones within the hour do not
+    q._core.trim_every_ns = 10_000_000
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.5)                                 # sleeps > one slice: trims
+    assert q._core.reserved_bytes <= 4 << 20
     q.close()
 
 
