@@ -367,6 +367,7 @@ cdef class QueueCore:
     cdef uint32_t ncallers
     cdef vr_wait_t wget, wput           # issue 10: wait policy of get / put (_wait.pxi)
     cdef uint64_t alive[4]              # pid | ms << 32 of holders seen alive lately (_dead)
+    cdef object pending_error           # take_packed: a malformed message met after others
     cdef int64_t last_trim_ns           # when this process last gave chunks back (_trim)
     cdef public int64_t trim_every_ns   # and how often it may (100 ms; a test hook)
 
@@ -1226,6 +1227,139 @@ cdef class QueueCore:
         if type(msg) is bytes:
             return (<int>kind, msg, [])
         return _parse_message(msg)
+
+    # --- many small messages per call (the bridge, vringipc/bridge.py) ----------------
+    # A bridge moves messages as they lie in shared memory.  At 64 bytes the
+    # Python around one get_msg()/put_msg() per message cost a bridge more
+    # than the queue itself; these two move a run of plain messages (no
+    # out-of-band buffers) per call, in the layout of a bridge DATA message:
+    # `meta` = count x (u16 kind, u16 0) then count x u32 length, and the
+    # payloads back to back in `blob`.
+
+    def take_packed(self, uint32_t max_count, uint64_t max_bytes, uint64_t max_len):
+        """Take, without waiting, up to max_count plain messages shorter than
+        max_len bytes each and max_bytes together; stops before the first
+        message that is not (it stays queued: get_msg() takes it).  Returns
+        (count, meta, blob: a bytearray); count 0 when there is none.  A malformed message
+        is consumed and raised, after the messages taken before it have been
+        returned (on the next call)."""
+        cdef uint32_t count = 0, ln
+        cdef uint64_t used_b = 0, n, mlen, moff = 0, rlen = 0, next_pos = 0
+        cdef uint16_t head = 0
+        cdef int rc
+        cdef const uint8_t *src
+        cdef uint8_t *dst
+        cdef uint32_t *m
+        self._check_open()
+        if self.pending_error is not None:
+            err, self.pending_error = self.pending_error, None
+            raise err
+        if max_count == 0 or max_count > 65536 or max_bytes == 0:
+            raise ValueError("take_packed: 1 <= max_count <= 65536, max_bytes > 0")
+        # everything allocated before the consumer lock (no Python code under it)
+        meta = PyBytes_FromStringAndSize(NULL, 8 * max_count)
+        blob = PyByteArray_FromStringAndSize(NULL, <Py_ssize_t>max_bytes)
+        m = <uint32_t *>PyBytes_AS_STRING(meta)
+        dst = <uint8_t *>PyByteArray_AS_STRING(blob)
+        self.mapped.enter()
+        try:
+            while count < max_count:
+                if self._lock(self.clock_, -1) < 0:
+                    break
+                with nogil:
+                    rc = self._get_begin(&head, &moff, &rlen, &next_pos)
+                if rc == 3:
+                    continue
+                if rc == 0:
+                    break
+                if rc < 0:
+                    err = _host_error(&self.h, rc, head)
+                    if count == 0:
+                        raise err
+                    self.pending_error = err
+                    break
+                # rc 1 or 2: the consumer lock is ours and nothing is committed
+                if rc == 1:
+                    n = self.riov.total
+                    src = self.base + self.riov.seg[0].off
+                else:
+                    n = rlen
+                    src = self.base + moff
+                if (rc == 1 and self.riov.used != 1) or n < 64 or (<uint32_t *>src)[0] != 0:
+                    vr_lock_release(self.clock_)       # not plain: leave it queued
+                    break
+                mlen = (<uint64_t *>(src + 8))[0]
+                if mlen > n - 64 or mlen >= max_len or used_b + mlen > max_bytes:
+                    vr_lock_release(self.clock_)
+                    break
+                with nogil:
+                    memcpy(dst + used_b, src + 64, mlen)
+                    m[count] = (<uint32_t *>src)[1] & 0xffff      # kind; nbufs 0
+                    m[max_count + count] = <uint32_t>mlen
+                    self._commit_taken(rc, 0, head, next_pos)
+                used_b += mlen
+                count += 1
+        finally:
+            self.mapped.leave()
+        if count == 0:
+            return 0, b"", b""
+        # meta as the DATA header wants it: the kinds, then the lengths
+        memcpy(m + count, m + max_count, 4 * count)
+        PyByteArray_Resize(blob, <Py_ssize_t>used_b)       # shrinks in place
+        return count, meta[:8 * count], blob
+
+    def put_packed(self, meta, blob, uint32_t start, uint32_t count, bint block=True,
+                   timeout=None, record=None, Py_ssize_t record_off=0, uint64_t seq=0):
+        """Put plain messages start .. count-1 of a (meta, blob) pair as
+        take_packed() returns it, each as put_msg() would.  Returns how many
+        were put (fewer than asked when one timed out: Full is not raised
+        then, the caller decides).  With `record` (a writable buffer), the
+        u64 at record_off is set to seq + (messages put so far) after each
+        put: a caller killed in the middle leaves an exact count behind."""
+        cdef const uint8_t[::1] mv = meta
+        cdef const uint8_t[::1] bv = blob
+        cdef uint8_t[::1] rv
+        cdef const uint32_t *m
+        cdef uint64_t hdr[2]
+        cdef const uint8_t *srcs[2]
+        cdef uint64_t lens[2]
+        cdef uint64_t pos = 0, k
+        cdef uint32_t i, kind
+        self._check_open()
+        if <uint64_t>mv.shape[0] != 8 * <uint64_t>count or start > count:
+            raise ValueError("put_packed: meta is not count x (u16 kind, u16 0, u32 length)")
+        m = <const uint32_t *>&mv[0] if count else NULL
+        for k in range(count):                  # checked whole before the first put
+            kind = m[k]
+            if (kind & 0xffff) > MSG_RAW_BYTES or (kind >> 16) != 0:
+                raise ValueError(f"put_packed: message {k} has kind {kind & 0xffff}, "
+                                 f"{kind >> 16} buffers")
+            pos += m[count + k]
+        if pos != <uint64_t>bv.shape[0]:
+            raise ValueError(f"put_packed: the lengths add up to {pos}, the blob has "
+                             f"{bv.shape[0]} bytes")
+        if record is not None:
+            rv = record
+            if record_off < 0 or record_off + 8 > rv.shape[0] or record_off % 8:
+                raise ValueError("put_packed: record_off outside the record buffer")
+        pos = 0
+        for k in range(start):
+            pos += m[count + k]
+        srcs[0] = <const uint8_t *>hdr
+        lens[0] = MSG_HDR
+        for i in range(start, count):
+            hdr[0] = (<uint64_t>(m[i] & 0xffff)) << 32          # nbufs = 0, kind
+            hdr[1] = m[count + i]
+            srcs[1] = &bv[pos] if hdr[1] else <const uint8_t *>hdr
+            lens[1] = hdr[1]
+            try:
+                self._put_c(srcs, lens, 2, block, timeout)
+            except Full:
+                return i - start
+            pos += hdr[1]
+            if record is not None:
+                (<uint64_t *>&rv[record_off])[0] = seq + i - start + 1
+        return count - start
 
     # --- consumer ------------------------------------------------------------------
     cdef int _get_begin(self, uint16_t *head, uint64_t *moff, uint64_t *mlen,

@@ -108,6 +108,7 @@ INLINE_MAX = 8192                   # parts shorter than this travel packed in o
 DEFAULT_MAX_MESSAGE = 1 << 30      # a receiver refuses larger messages (--max-message)
 ACK_BYTES = 1 << 20                 # a receiver acknowledges at least every MiB
 HOLD_FROM = 65536                   # a Queue sender takes messages this large without a copy
+PACK_BYTES = 256 << 10              # a run of small messages taken in one call: at most this much
 
 DEFAULT_WINDOW = 4096
 DEFAULT_WINDOW_BYTES = 16 << 20
@@ -379,6 +380,12 @@ class _QueueSource:
     def take(self, seq: int, n: int, nbytes: int, timeout: float):
         """A _Batch of up to n messages (about nbytes) numbered from seq,
         waiting up to timeout for the first; None if there is none."""
+        if self._core_get is not None and not self._hold:
+            # plain small messages: a run of them in one call, packed in C
+            cnt, meta, blob = self._take_packed(n, min(nbytes, PACK_BYTES), INLINE_MAX)
+            if cnt:
+                return _Batch(seq, cnt, [T_DATA, DATA_HDR.pack(seq, cnt, cnt) + meta, blob],
+                              len(blob), None)
         if self._core_get is None:
             get = self.q.get_message               # registers this process
         else:
@@ -394,6 +401,7 @@ class _QueueSource:
             return None
         if self._core_get is None:
             self._core_get = self.q._core.get_msg
+            self._take_packed = self.q._core.take_packed
         desc, lens, small, big = [], [], [], []
         count = size = 0
         while True:
@@ -508,6 +516,8 @@ class _QueueSink:
     def check(self, kind: int, nbufs: int) -> None:
         pass
 
+    put_packed = None         # the core's, once this process is registered (plain Queue)
+
     def put(self, kind, main, bufs, timeout):
         self.q.put_message(kind, main, bufs, True, timeout)
         if not self.q._joinable:
@@ -515,10 +525,12 @@ class _QueueSink:
             # itself (what put_message calls for a plain Queue)
             core_put = self.q._core.put_msg
             self.put = lambda k, m, b, t: core_put(k, m, b or None, True, t)
+            self.put_packed = self.q._core.put_packed
 
 
 class _ChannelSink:
     accepts = (SRC_CHANNEL,)
+    put_packed = None
 
     def __init__(self, ch):
         self.ch = ch
@@ -640,11 +652,10 @@ class _Session:
         self.source = source
 
 
-def parse_data(frames, max_message: int, check=None):
-    """Validate a DATA message (``frames[0] == b"D"``) completely; returns
-    (seq_first, [(kind, main, bufs, size), ...]) or raises ProtocolError.
-    Parts shorter than INLINE_MAX are views of the blob frame, the others
-    are frames of their own (that rule is checked, not trusted)."""
+def _parse_header(frames):
+    """The checks every DATA message gets: frame count, header size and
+    sequence, parts against the description and the frames.  Returns (seq,
+    count, nparts, desc, lens, blob, big lengths)."""
     if len(frames) < 3:
         raise ProtocolError(f"DATA with {len(frames)} frames")
     hdr = memoryview(frames[1])
@@ -667,17 +678,43 @@ def parse_data(frames, max_message: int, check=None):
     big = [ln for ln in lens if ln >= INLINE_MAX]
     if len(big) != len(frames) - 3 or sum(lens) - sum(big) != blob.nbytes:
         raise ProtocolError("DATA parts do not match the frames")
+    return seq, count, nparts, desc, lens, blob, big
+
+
+def _check_plain(kinds, lens, max_message: int, check) -> None:
+    """Messages without buffers: known kinds, none larger than max_message."""
+    for kind in set(kinds):
+        if kind not in KINDS:
+            raise ProtocolError(f"message kind {kind}")
+        if check is not None:
+            check(kind, 0)
+    if max(lens) > max_message:
+        raise ProtocolError(f"message of {max(lens)} bytes, the local object takes "
+                            f"{max_message}")
+
+
+def parse_packed(frames, max_message: int, check=None):
+    """For the common DATA message, small messages without buffers all in
+    the blob: (seq, count, meta, blob, lens) validated as parse_data() does,
+    meta being the header's kinds-and-lengths part (what
+    Queue._core.put_packed takes).  None for any other DATA message."""
+    seq, count, nparts, desc, lens, blob, big = _parse_header(frames)
+    if nparts != count or big:
+        return None
+    _check_plain(desc[0::2], lens, max_message, check)
+    return seq, count, memoryview(frames[1])[DATA_HDR.size:], blob, lens
+
+
+def parse_data(frames, max_message: int, check=None):
+    """Validate a DATA message (``frames[0] == b"D"``) completely; returns
+    (seq_first, [(kind, main, bufs, size), ...]) or raises ProtocolError.
+    Parts shorter than INLINE_MAX are views of the blob frame, the others
+    are frames of their own (that rule is checked, not trusted)."""
+    seq, count, nparts, desc, lens, blob, big = _parse_header(frames)
     if nparts == count and not big:
         # the common case of small messages without buffers, in bulk
         kinds = desc[0::2]
-        for kind in set(kinds):
-            if kind not in KINDS:
-                raise ProtocolError(f"message kind {kind}")
-            if check is not None:
-                check(kind, 0)
-        if max(lens) > max_message:
-            raise ProtocolError(f"message of {max(lens)} bytes, the local object takes "
-                                f"{max_message}")
+        _check_plain(kinds, lens, max_message, check)
         ends = list(itertools.accumulate(lens))
         return seq, [(k, blob[e - ln:e], [], ln) for k, ln, e in zip(kinds, lens, ends)]
     msgs, pos, nxt, k = [], 0, 3, 0
@@ -794,6 +831,10 @@ class ReceiverCore:
         if s is None:
             parse_data(frames, self.max_message)               # still refuse garbage loudly
             return self._resync(rid)
+        if getattr(self.sink, "put_packed", None) is not None:
+            packed = parse_packed(frames, self.max_message, self.sink.check)
+            if packed is not None:
+                return self._data_packed(rid, s, *packed)
         seq, msgs = parse_data(frames, self.max_message, self.sink.check)
         if seq > s.delivered + 1:
             return self._resync(rid, s)
@@ -811,6 +852,31 @@ class ReceiverCore:
                 pack("<Q", mm, off, n)
             self.messages += 1
             self.bytes += size
+        s.delivered = n
+        if not record:
+            self.state.d[rid] = n
+        return [[T_ACK, ACK.pack(n)]]
+
+    def _data_packed(self, rid, s, seq, count, meta, blob, lens):
+        """_data() for a packed DATA message: the puts in one C call per
+        local wait slice, each recorded in the state file as it is made."""
+        if seq > s.delivered + 1:
+            return self._resync(rid, s)
+        start = min(s.delivered + 1 - seq, count)
+        self.duplicates += start
+        record = isinstance(self.state, StateFile)
+        put, n, first = self.sink.put_packed, s.delivered, start
+        while start < count:
+            if record:
+                k = put(meta, blob, start, count, True, self.put_slice, self.state.mm, s.off, n)
+            else:
+                k = put(meta, blob, start, count, True, self.put_slice)
+            n += k
+            start += k
+            if start < count and self.stop.is_set():
+                break                        # stopped while the local object was full
+        self.messages += start - first
+        self.bytes += sum(lens[first:start])
         s.delivered = n
         if not record:
             self.state.d[rid] = n
