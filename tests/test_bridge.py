@@ -526,6 +526,49 @@ def test_queue_back_pressure_and_sigkilled_sender():
 
 
 @needs_raw
+@pytest.mark.parametrize("size", [16, 100_000])       # packed small messages; held large ones
+def test_stopped_sender_puts_its_unacknowledged_window_back(size):
+    # The remote queue is full and nobody reads it: acks stop, the sender's
+    # window holds what it took.  Stopped, it waits drain_timeout for acks,
+    # then puts the window back into its local queue: nothing lost, nothing
+    # twice (once the receiver is stopped too).
+    qa, qb = Queue(), Queue(maxsize=10)
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    r = B.Receiver(qb, ep)
+    s = B.Sender(qa, ep, window=40)
+    rstop, sstop = threading.Event(), threading.Event()
+    rt = threading.Thread(target=r.run, args=(rstop,))
+    st = threading.Thread(target=s.run, args=(sstop,), kwargs={"drain_timeout": 0.3})
+    rt.start()
+    st.start()
+    try:
+        for i in range(100):
+            qa.put(numbered(i, size))
+        end = time.monotonic() + 20
+        while (qb.qsize() < 10 or s.inflight == 0) and time.monotonic() < end:
+            time.sleep(0.01)
+        assert qb.qsize() == 10 and s.inflight > 0
+    finally:
+        rstop.set()
+        rt.join(20)
+        sstop.set()
+        st.join(20)
+        r.close()
+        s.close()
+    assert s.lost == 0 and s.returned > 0
+    got = []
+    for q in (qb, qa):
+        while True:
+            try:
+                got.append(q.get(timeout=0.2))
+            except vringipc.Empty:
+                break
+    assert sorted(seqs(got)) == list(range(100))      # each once
+    qa.close()
+    qb.close()
+
+
+@needs_raw
 def test_malformed_frames_leave_a_real_queue_intact():
     q = Queue(capacity=1 << 20)
     core = B.ReceiverCore(q)

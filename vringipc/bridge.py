@@ -1202,7 +1202,7 @@ class Sender:
             return
         msgs = []
         for b in self.win:
-            seq, parsed = parse_data(b.frames[1:], 1 << 62)
+            seq, parsed = parse_data(b.frames, 1 << 62)
             msgs += [(k, m, bufs) for k, m, bufs, _ in parsed[max(0, self.acked + 1 - seq):]]
         n = 0
         if self.src.give_back_ok:
