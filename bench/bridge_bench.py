@@ -14,6 +14,11 @@ messages in its I/O thread too).  From 64 KiB on, both sides use their
 zero-copy calls: a NumPy array put (one copy into shared memory) and
 get_nocopy() against send(copy=False)/recv(copy=False).
 
+Relay: raw pyzmq PUSH -> PULL where the PULL socket lives in a relay process
+that puts into a local Queue read by the consumer: half a bridge and none of
+its code, the ceiling that a receiving process of its own sets on this
+machine.
+
 Latency: ping-pong of a 64 B message, A -> bridge pair -> B -> bridge pair -> A,
 against a raw zmq ping-pong (PUSH/PULL both ways): the medians and their
 difference, the round-trip latency the bridges add.
@@ -139,6 +144,55 @@ def raw_tp(size, n):
     return (n - 1) / dt
 
 
+def relay_tp(size, n):
+    """Half a bridge without any bridge code: raw pyzmq PUSH -> PULL in a
+    relay process that puts each message into a local Queue, which the
+    consumer (this process) gets from.  Any bridge's receiving side is a
+    process like this one; the gap between this and raw_tp is what having
+    the zmq socket in a process other than the consumer costs on this
+    machine, before any protocol, window or second copy."""
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    q = make("queue", size, n)
+    msg = b"x" * size
+    zero_copy = size >= ZERO_COPY_FROM
+
+    def relay():
+        c = zmq.Context()
+        s = c.socket(zmq.PULL)
+        s.bind(ep)
+        put = q._core.put_msg
+        for _ in range(n):
+            f = s.recv(copy=False)
+            put(2, f.buffer if zero_copy else f.bytes, None, True, 60)
+        s.close()
+        c.term()
+
+    def produce():
+        c = zmq.Context()
+        s = c.socket(zmq.PUSH)
+        s.linger = 10000
+        s.connect(ep)
+        for _ in range(n):
+            s.send(msg, copy=not zero_copy)
+        s.close()
+        c.term()
+    procs = [child(relay), child(produce)]
+    get = q.get_nocopy if zero_copy else q.get
+    try:
+        get(timeout=60)
+        t0 = time.perf_counter()
+        for _ in range(n - 1):
+            get(timeout=60)
+        dt = time.perf_counter() - t0
+    except BaseException:
+        reap(procs, procs)
+        raise
+    finally:
+        reap(procs)
+        q.close()
+    return (n - 1) / dt
+
+
 def bridged_rtt(kind, rounds=2000):
     objs = [make(kind, 64, 0) for _ in range(4)]       # a->(bridge)->b, c->(bridge)->d
     a, b, c, d = objs
@@ -210,25 +264,33 @@ def main() -> None:
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     res: dict = {"kind": args.kind, "runs": args.runs, "throughput": {}, "latency_us": {}}
-    tp = {s: {"bridged": [], "raw": []} for s in SIZES}
+    tp = {s: {"bridged": [], "raw": [], "relay": []} for s in SIZES}
     rtt = {"bridged": [], "raw": []}
     for r in range(args.runs):
         for size, n in SIZES.items():
             tp[size]["raw"].append(raw_tp(size, n))
             tp[size]["bridged"].append(bridged_tp(args.kind, size, n))
+            tp[size]["relay"].append(relay_tp(size, n))
             print(f"run {r + 1} {size:>8} B: raw {tp[size]['raw'][-1]:>10,.0f}  bridged "
-                  f"{tp[size]['bridged'][-1]:>10,.0f} msg/s", file=sys.stderr)
+                  f"{tp[size]['bridged'][-1]:>10,.0f}  relay {tp[size]['relay'][-1]:>10,.0f} "
+                  "msg/s", file=sys.stderr)
         rtt["raw"].append(raw_rtt())
         rtt["bridged"].append(bridged_rtt(args.kind))
     print(f"\nbridged {args.kind} -> {args.kind} vs raw pyzmq PUSH/PULL, tcp://127.0.0.1, "
           f"medians of {args.runs} runs")
-    print(f"{'size':>9} {'raw msg/s':>12} {'bridged msg/s':>14} {'ratio':>7}")
+    print(f"{'size':>9} {'raw msg/s':>12} {'bridged msg/s':>14} {'ratio':>7} "
+          f"{'relay msg/s':>12} {'ratio':>7}")
     for size in SIZES:
         raw = statistics.median(tp[size]["raw"])
         br = statistics.median(tp[size]["bridged"])
+        rel = statistics.median(tp[size]["relay"])
         res["throughput"][size] = {"raw": tp[size]["raw"], "bridged": tp[size]["bridged"],
-                                   "ratio": br / raw}
-        print(f"{size:>9} {raw:>12,.0f} {br:>14,.0f} {br / raw:>6.0%}")
+                                   "relay": tp[size]["relay"], "ratio": br / raw,
+                                   "relay_ratio": rel / raw}
+        print(f"{size:>9} {raw:>12,.0f} {br:>14,.0f} {br / raw:>6.0%} {rel:>12,.0f} "
+              f"{rel / raw:>6.0%}")
+    print("relay: raw pyzmq into a process that puts into a local Queue (half a bridge, "
+          "no bridge code)")
     rr, rb = statistics.median(rtt["raw"]), statistics.median(rtt["bridged"])
     res["latency_us"] = {"raw": rtt["raw"], "bridged": rtt["bridged"], "added": rb - rr}
     print(f"round trip 64 B (median): raw zmq {rr:.0f} us, through two bridge pairs {rb:.0f} us,"
