@@ -1243,7 +1243,7 @@ cdef class QueueCore:
         (count, meta, blob: a bytearray); count 0 when there is none.  A malformed message
         is consumed and raised, after the messages taken before it have been
         returned (on the next call)."""
-        cdef uint32_t count = 0, ln
+        cdef uint32_t count = 0, kind
         cdef uint64_t used_b = 0, n, mlen, moff = 0, rlen = 0, next_pos = 0
         cdef uint16_t head = 0
         cdef int rc
@@ -1285,16 +1285,19 @@ cdef class QueueCore:
                 else:
                     n = rlen
                     src = self.base + moff
-                if (rc == 1 and self.riov.used != 1) or n < 64 or (<uint32_t *>src)[0] != 0:
+                # each field read once: the bytes are shared and not trusted
+                kind = vr_load_relaxed_u32(<uint32_t *>src + 1) if n >= 64 else 0
+                if (rc == 1 and self.riov.used != 1) or n < 64 or (<uint32_t *>src)[0] != 0 \
+                        or kind > MSG_RAW_BYTES:
                     vr_lock_release(self.clock_)       # not plain: leave it queued
                     break
-                mlen = (<uint64_t *>(src + 8))[0]
+                mlen = vr_load_relaxed_u64(<uint64_t *>(src + 8))
                 if mlen > n - 64 or mlen >= max_len or used_b + mlen > max_bytes:
                     vr_lock_release(self.clock_)
                     break
                 with nogil:
                     memcpy(dst + used_b, src + 64, mlen)
-                    m[count] = (<uint32_t *>src)[1] & 0xffff      # kind; nbufs 0
+                    m[count] = kind                         # nbufs 0
                     m[max_count + count] = <uint32_t>mlen
                     self._commit_taken(rc, 0, head, next_pos)
                 used_b += mlen
