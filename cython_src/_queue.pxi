@@ -1307,7 +1307,7 @@ cdef class QueueCore:
         if count == 0:
             return 0, b"", b""
         # meta as the DATA header wants it: the kinds, then the lengths
-        memcpy(m + count, m + max_count, 4 * count)
+        memmove(m + count, m + max_count, 4 * count)          # may overlap
         PyByteArray_Resize(blob, <Py_ssize_t>used_b)       # shrinks in place
         return count, meta[:8 * count], blob
 

@@ -10,7 +10,7 @@ vringipc/layout.py.
 
 cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memmove, memset
 from libc.errno cimport errno, EINTR, EAGAIN, EINVAL, ENOSPC, EMSGSIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
