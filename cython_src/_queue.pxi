@@ -369,7 +369,7 @@ cdef class QueueCore:
     cdef uint64_t alive[4]              # pid | ms << 32 of holders seen alive lately (_dead)
     cdef object pending_error           # take_packed: a malformed message met after others
     cdef int64_t last_trim_ns           # when this process last gave chunks back (_trim)
-    cdef public int64_t trim_every_ns   # and how often it may (100 ms; a test hook)
+    cdef public int64_t trim_every_ns   # and how often it may (1 s; a test hook)
 
     def __cinit__(self, buffer, uint32_t num, uint64_t desc_off, uint64_t avail_off,
                   uint64_t used_off, uint64_t win_off, uint64_t win_size, *,
@@ -377,7 +377,7 @@ cdef class QueueCore:
                   uint64_t maxsize=0, int kick_fd=-1, int call_fd=-1, int join_fd=-1,
                   spin_ns=DEFAULT_SPIN_NS):
         self.mapped = _Mapped(buffer, "queue")
-        self.trim_every_ns = 100_000_000
+        self.trim_every_ns = 1_000_000_000
         check_ring_geometry(self.mapped.size, num, desc_off, avail_off, used_off, win_off, win_size)
         cdef uint64_t side = _side_bytes(num, win_size)
         if win_off % 4096 or win_size <= side + 4096:
@@ -693,12 +693,13 @@ cdef class QueueCore:
         chunk past the retained ones (but none under a pinned extent).  Walks
         the bitmap a word at a time: a 16 GiB arena is 256 words.
 
-        At most every trim_every_ns (100 ms) per process: a stream whose bursts pass
-        the retained chunks drains thousands of times a second, and giving
-        the chunks back each time made every burst commit (zero) them anew,
-        a madvise pair per MiB that cost a bridge an eighth of its CPU.  A
-        trim skipped that way is done by a consumer that sleeps a slice on
-        the drained queue, or the next put into it."""
+        At most every trim_every_ns (1 s) per process: a stream whose bursts
+        pass the retained chunks drains thousands of times a second, and
+        giving the chunks back each time made every burst commit (zero) them
+        anew, a madvise pair per MiB that cost a bridge an eighth of its CPU
+        (at 100 ms still a twentieth).  A trim skipped that way is done by a
+        consumer that sleeps a slice on the drained queue, or the next put
+        into it: a burst's memory comes back about a second after it drained."""
         cdef uint64_t w, c, start, ln, word, skip
         cdef int64_t now
         if self.chunks_held[0] <= RETAIN_CHUNKS:
