@@ -630,9 +630,10 @@ cdef class QueueCore:
         last ALIVE_MS: a put that finds the pins table full or a kept view
         in its way asks about the same few holders each time, and each exact
         answer costs a kill() and a /proc read.  A death is seen ALIVE_MS
-        late at most.  Entries are one u64 each, so threads racing on the
-        cache only ever see whole entries."""
-        cdef uint32_t now = <uint32_t>(vr_now_ns() // 1000000)
+        (plus one tick of the coarse clock) late at most.  Entries are one
+        u64 each, so threads racing on the cache only ever see whole
+        entries."""
+        cdef uint32_t now = <uint32_t>(vr_now_coarse_ns() // 1000000)
         cdef uint64_t e
         cdef int i
         for i in range(4):

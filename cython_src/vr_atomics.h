@@ -108,4 +108,13 @@ static inline uint64_t vr_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* The same clock at tick resolution (1-4 ms) for a few ns: for caches that
+ * only ask "was this checked within the last N ms". */
+static inline uint64_t vr_now_coarse_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 #endif /* VRINGIPC_ATOMICS_H */

@@ -62,3 +62,4 @@ cdef extern from "vr_atomics.h" nogil:
     uint64_t vr_fetch_add_u64(uint64_t *p, uint64_t v)
     void vr_cpu_relax()
     uint64_t vr_now_ns()
+    uint64_t vr_now_coarse_ns()
