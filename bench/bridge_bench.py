@@ -75,6 +75,22 @@ def reap(procs, term=()):
         p.join(60)
 
 
+def gets_per_second(get, n, procs) -> float:
+    """Get n messages, timing all but the first; reap procs (killed if a get
+    failed)."""
+    try:
+        get(timeout=60)
+        t0 = time.perf_counter()
+        for _ in range(n - 1):
+            get(timeout=60)
+        dt = time.perf_counter() - t0
+    except BaseException:
+        reap(procs, procs)
+        raise
+    reap(procs)
+    return (n - 1) / dt
+
+
 def make(kind, size, n):
     # bounded like the baseline's sockets (high-water mark 1000): a producer
     # that outruns the bridge blocks instead of filling the arena
@@ -97,23 +113,26 @@ def bridged_tp(kind, size, n):
     def produce():
         for _ in range(n):
             put(msg)
-    get_one = get
     p = child(produce)
     try:
-        get_one(timeout=60)
-        t0 = time.perf_counter()
-        for _ in range(n - 1):
-            get(timeout=60)
-        dt = time.perf_counter() - t0
-    except BaseException:
-        reap([p], [p])
-        raise
+        return gets_per_second(get, n, [p])
     finally:
-        reap([p])
         reap(br, br)
         a.close()
         b.close()
-    return (n - 1) / dt
+
+
+def zmq_push(ep, msg, n):
+    """The baseline's producer: n sends of msg on a PUSH socket (zero-copy
+    from ZERO_COPY_FROM bytes on, as the bridged case's get_nocopy)."""
+    c = zmq.Context()
+    s = c.socket(zmq.PUSH)
+    s.linger = 10000
+    s.connect(ep)
+    for _ in range(n):
+        s.send(msg, copy=len(msg) < ZERO_COPY_FROM)
+    s.close()
+    c.term()
 
 
 def raw_tp(size, n):
@@ -121,18 +140,7 @@ def raw_tp(size, n):
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.bind(ep)
-    msg = b"x" * size
-
-    def produce():
-        c = zmq.Context()
-        s = c.socket(zmq.PUSH)
-        s.linger = 10000
-        s.connect(ep)
-        for _ in range(n):
-            s.send(msg, copy=size < ZERO_COPY_FROM)
-        s.close()
-        c.term()
-    p = child(produce)
+    p = child(zmq_push, ep, b"x" * size, n)
     pull.recv()
     t0 = time.perf_counter()
     for _ in range(n - 1):
@@ -167,30 +175,11 @@ def relay_tp(size, n):
         s.close()
         c.term()
 
-    def produce():
-        c = zmq.Context()
-        s = c.socket(zmq.PUSH)
-        s.linger = 10000
-        s.connect(ep)
-        for _ in range(n):
-            s.send(msg, copy=not zero_copy)
-        s.close()
-        c.term()
-    procs = [child(relay), child(produce)]
-    get = q.get_nocopy if zero_copy else q.get
+    procs = [child(relay), child(zmq_push, ep, msg, n)]
     try:
-        get(timeout=60)
-        t0 = time.perf_counter()
-        for _ in range(n - 1):
-            get(timeout=60)
-        dt = time.perf_counter() - t0
-    except BaseException:
-        reap(procs, procs)
-        raise
+        return gets_per_second(q.get_nocopy if zero_copy else q.get, n, procs)
     finally:
-        reap(procs)
         q.close()
-    return (n - 1) / dt
 
 
 def bridged_rtt(kind, rounds=2000):

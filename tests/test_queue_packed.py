@@ -129,23 +129,21 @@ def test_threads_taking_packed_runs_from_forked_producers_get_each_item_once():
     seen = [[] for _ in range(3)]
     done = threading.Event()
 
+    def get_one(k):
+        try:
+            _kind, main, _bufs = q.get_message(True, 0.05)
+            seen[k].append(bytes(main))
+        except queue.Empty:
+            pass
+
     def consume(k):
         core = q._core
         while not (done.is_set() and q.qsize() == 0):
-            if k == 2:
-                try:
-                    _kind, main, _bufs = q.get_message(True, 0.05)
-                    seen[k].append(bytes(main))
-                except queue.Empty:
-                    pass
-                continue
-            cnt, meta, blob = core.take_packed(64, 1 << 16, 8192)
+            cnt = 0
+            if k != 2:                   # thread 2 only ever takes one at a time
+                cnt, meta, blob = core.take_packed(64, 1 << 16, 8192)
             if not cnt:
-                try:
-                    _kind, main, _bufs = q.get_message(True, 0.05)
-                    seen[k].append(bytes(main))
-                except queue.Empty:
-                    pass
+                get_one(k)
                 continue
             _kinds, lens = unpack(cnt, meta)
             pos = 0
