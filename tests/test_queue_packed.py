@@ -170,3 +170,23 @@ def test_threads_taking_packed_runs_from_forked_producers_get_each_item_once():
             nums = [int(x[1:]) for x in s if x[0] == tag]
             assert nums == sorted(nums)
     q.close()
+
+
+def test_a_malformed_message_after_good_ones_is_raised_on_the_next_call():
+    # The bytes of shared memory are not trusted: a descriptor pointing past
+    # the segment is consumed and reported, after the good messages taken
+    # before it have been returned; the queue goes on.
+    from vringipc import InvalidDescriptor
+    q = Queue()
+    for m in (b"a", b"b", b"c", b"d"):
+        q.put(m)
+    buf, r = q._ring.segment.buf, q._ring.layout.rings[0]
+    head = struct.unpack_from("<H", buf, r.avail_off + 4 + 2 * 3)[0]      # the 4th message
+    struct.pack_into("<Q", buf, r.desc_off + 16 * head, 1 << 60)             # its address
+    cnt, meta, blob = q._core.take_packed(100, 1 << 20, 8192)
+    assert cnt == 3 and bytes(blob) == b"abc"
+    with pytest.raises(InvalidDescriptor):
+        q._core.take_packed(100, 1 << 20, 8192)
+    q.put(b"e")
+    assert q._core.take_packed(100, 1 << 20, 8192)[0::2] == (1, bytearray(b"e"))
+    q.close()
