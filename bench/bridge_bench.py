@@ -8,11 +8,12 @@ bridge and a receiver bridge (two more processes) carry them over
 tcp://127.0.0.1, and the consumer (this process) gets them: messages/s from
 the first get to the last.  The baseline is what one would write without
 vringipc: a PUSH socket in the producer, a PULL socket in the consumer, one
-zmq message per message.  64 B messages are bytes (put/get; send/recv) and
+zmq message per message.  Messages are bytes (put/get; send/recv); small ones
 are batched by the bridge (up to 512 per network message; zmq batches small
-messages in its I/O thread too).  From 64 KiB on, both sides use their
-zero-copy calls: a NumPy array put (one copy into shared memory) and
-get_nocopy() against send(copy=False)/recv(copy=False).
+messages in its I/O thread too).  From 64 KiB on the baseline uses
+send(copy=False)/recv(copy=False), and a second bridged case ("numpy") puts
+a NumPy array (one copy into shared memory, pickled with an out-of-band
+buffer) and takes it with get_nocopy().
 
 Relay: raw pyzmq PUSH -> PULL where the PULL socket lives in a relay process
 that puts into a local Queue read by the consumer: half a bridge and none of
@@ -99,15 +100,17 @@ def make(kind, size, n):
     return vringipc.Channel(max(16 << 20, 8 * size), num=1024)
 
 
-def bridged_tp(kind, size, n):
+def bridged_tp(kind, size, n, numpy=False):
+    """Bytes put/get (send/recv), or with numpy=True a NumPy array put (one
+    copy in, pickled out-of-band) and get_nocopy() (no copy out)."""
     a, b = make(kind, size, n), make(kind, size, n)
     put = a.put if kind == "queue" else a.send
     get = b.get if kind == "queue" else b.recv
     ep = f"tcp://127.0.0.1:{free_port()}"
     br = [child(run_bridge, "recv", b, ep), child(run_bridge, "send", a, ep)]
     msg = b"x" * size
-    if kind == "queue" and size >= ZERO_COPY_FROM:
-        msg = np.frombuffer(msg, np.uint8)       # out-of-band: one copy in, none out
+    if numpy:
+        msg = np.frombuffer(msg, np.uint8)
         get = b.get_nocopy
 
     def produce():
@@ -253,32 +256,46 @@ def main() -> None:
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     res: dict = {"kind": args.kind, "runs": args.runs, "throughput": {}, "latency_us": {}}
-    tp = {s: {"bridged": [], "raw": [], "relay": []} for s in SIZES}
+    # per size: case -> (label, function); the NumPy case only where a Queue
+    # has zero-copy calls worth using
+    cases = {}
+    for size, n in SIZES.items():
+        c = {"raw": lambda s=size, n=n: raw_tp(s, n),
+             "bridged": lambda s=size, n=n: bridged_tp(args.kind, s, n)}
+        if args.kind == "queue" and size >= ZERO_COPY_FROM:
+            c["bridged_numpy"] = lambda s=size, n=n: bridged_tp(args.kind, s, n, numpy=True)
+        c["relay"] = lambda s=size, n=n: relay_tp(s, n)
+        cases[size] = c
+    tp = {s: {k: [] for k in c} for s, c in cases.items()}
     rtt = {"bridged": [], "raw": []}
     for r in range(args.runs):
-        for size, n in SIZES.items():
-            tp[size]["raw"].append(raw_tp(size, n))
-            tp[size]["bridged"].append(bridged_tp(args.kind, size, n))
-            tp[size]["relay"].append(relay_tp(size, n))
-            print(f"run {r + 1} {size:>8} B: raw {tp[size]['raw'][-1]:>10,.0f}  bridged "
-                  f"{tp[size]['bridged'][-1]:>10,.0f}  relay {tp[size]['relay'][-1]:>10,.0f} "
-                  "msg/s", file=sys.stderr)
+        for size, c in cases.items():
+            for k, fn in c.items():
+                tp[size][k].append(fn())
+            print(f"run {r + 1} {size:>8} B: " + "  ".join(
+                f"{k} {v[-1]:,.0f}" for k, v in tp[size].items()) + " msg/s", file=sys.stderr)
         rtt["raw"].append(raw_rtt())
         rtt["bridged"].append(bridged_rtt(args.kind))
     print(f"\nbridged {args.kind} -> {args.kind} vs raw pyzmq PUSH/PULL, tcp://127.0.0.1, "
-          f"medians of {args.runs} runs")
-    print(f"{'size':>9} {'raw msg/s':>12} {'bridged msg/s':>14} {'ratio':>7} "
-          f"{'relay msg/s':>12} {'ratio':>7}")
+          f"medians of {args.runs} runs (msg/s, and the ratio to raw)")
+    cols = ("bridged", "bridged_numpy", "relay")
+    print(f"{'size':>9} {'raw':>10} " + " ".join(f"{c:>21}" for c in cols))
     for size in SIZES:
         raw = statistics.median(tp[size]["raw"])
-        br = statistics.median(tp[size]["bridged"])
-        rel = statistics.median(tp[size]["relay"])
-        res["throughput"][size] = {"raw": tp[size]["raw"], "bridged": tp[size]["bridged"],
-                                   "relay": tp[size]["relay"], "ratio": br / raw,
-                                   "relay_ratio": rel / raw}
-        print(f"{size:>9} {raw:>12,.0f} {br:>14,.0f} {br / raw:>6.0%} {rel:>12,.0f} "
-              f"{rel / raw:>6.0%}")
-    print("relay: raw pyzmq into a process that puts into a local Queue (half a bridge, "
+        row = {"raw": tp[size]["raw"]}
+        cells = []
+        for c in cols:
+            if c not in tp[size]:
+                cells.append(f"{'-':>21}")
+                continue
+            m = statistics.median(tp[size][c])
+            row[c] = tp[size][c]
+            row[c + "_ratio"] = m / raw
+            cells.append(f"{m:>13,.0f} {m / raw:>6.0%} ")
+        res["throughput"][size] = row
+        print(f"{size:>9} {raw:>10,.0f} " + " ".join(cells))
+    print("bridged: bytes put()/get(); bridged_numpy: a NumPy array put(), get_nocopy(); "
+          "relay: raw pyzmq into a process that puts into a local Queue (half a bridge, "
           "no bridge code)")
     rr, rb = statistics.median(rtt["raw"]), statistics.median(rtt["bridged"])
     res["latency_us"] = {"raw": rtt["raw"], "bridged": rtt["bridged"], "added": rb - rr}
