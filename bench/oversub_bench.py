@@ -189,15 +189,20 @@ def _ping(l1, l2, warm_s, dur_s, max_n):
     return {"p50": samples[n // 2] / 1e3, "p99": samples[min(n - 1, int(n * 0.99))] / 1e3, "n": n}
 
 
-def _pong(l1, l2):
-    _, recv = l1.ends()
-    send, _ = l2.ends()
+def _echo(inp, out, last):
+    """Send back what arrives on inp over out until last(message) is true."""
+    _, recv = inp.ends()
+    send, _ = out.ends()
     while True:
         m = recv()
         send(m)
-        if len(m) == 1:
-            getattr(l2, "flush", lambda: None)()
+        if last(m):
+            getattr(out, "flush", lambda: None)()
             return {}
+
+
+def _pong(l1, l2):
+    return _echo(l1, l2, lambda m: len(m) == 1)
 
 
 def pingpong(kind, cpus, warm_s=0.1, dur_s=0.4, max_n=200_000):
@@ -225,14 +230,7 @@ def pingpong(kind, cpus, warm_s=0.1, dur_s=0.4, max_n=200_000):
 # --- P pairs -----------------------------------------------------------------------------
 
 def _server(req, resp):
-    _, get = req.ends()
-    put, _ = resp.ends()
-    while True:
-        x = get()
-        put(x)
-        if x is None:
-            getattr(resp, "flush", lambda: None)()
-            return {}
+    return _echo(req, resp, lambda x: x is None)
 
 
 def _client(req, resp, t_start, t_end):
