@@ -693,24 +693,26 @@ def _check_plain(kinds, lens, max_message: int, check) -> None:
                             f"{max_message}")
 
 
-def parse_packed(frames, max_message: int, check=None):
+def parse_packed(frames, max_message: int, check=None, header=None):
     """For the common DATA message, small messages without buffers all in
     the blob: (seq, count, meta, blob, lens) validated as parse_data() does,
     meta being the header's kinds-and-lengths part (what
-    Queue._core.put_packed takes).  None for any other DATA message."""
-    seq, count, nparts, desc, lens, blob, big = _parse_header(frames)
+    Queue._core.put_packed takes).  None for any other DATA message.
+    `header`: _parse_header(frames) if the caller has it already."""
+    seq, count, nparts, desc, lens, blob, big = header or _parse_header(frames)
     if nparts != count or big:
         return None
     _check_plain(desc[0::2], lens, max_message, check)
     return seq, count, memoryview(frames[1])[DATA_HDR.size:], blob, lens
 
 
-def parse_data(frames, max_message: int, check=None):
+def parse_data(frames, max_message: int, check=None, header=None):
     """Validate a DATA message (``frames[0] == b"D"``) completely; returns
     (seq_first, [(kind, main, bufs, size), ...]) or raises ProtocolError.
     Parts shorter than INLINE_MAX are views of the blob frame, the others
-    are frames of their own (that rule is checked, not trusted)."""
-    seq, count, nparts, desc, lens, blob, big = _parse_header(frames)
+    are frames of their own (that rule is checked, not trusted).
+    `header`: _parse_header(frames) if the caller has it already."""
+    seq, count, nparts, desc, lens, blob, big = header or _parse_header(frames)
     if nparts == count and not big:
         # the common case of small messages without buffers, in bulk
         kinds = desc[0::2]
@@ -831,11 +833,12 @@ class ReceiverCore:
         if s is None:
             parse_data(frames, self.max_message)               # still refuse garbage loudly
             return self._resync(rid)
+        header = _parse_header(frames)
         if getattr(self.sink, "put_packed", None) is not None:
-            packed = parse_packed(frames, self.max_message, self.sink.check)
+            packed = parse_packed(frames, self.max_message, self.sink.check, header)
             if packed is not None:
                 return self._data_packed(rid, s, *packed)
-        seq, msgs = parse_data(frames, self.max_message, self.sink.check)
+        seq, msgs = parse_data(frames, self.max_message, self.sink.check, header)
         if seq > s.delivered + 1:
             return self._resync(rid, s)
         skip = s.delivered + 1 - seq
