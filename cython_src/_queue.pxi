@@ -1363,7 +1363,9 @@ cdef class QueueCore:
                 return i - start
             pos += hdr[1]
             if record is not None:
-                (<uint64_t *>&rv[record_off])[0] = seq + i - start + 1
+                # one whole 8-byte store (the record outlives a SIGKILL of
+                # this process; a torn count would repeat messages)
+                vr_store_relaxed_u64(<uint64_t *>&rv[record_off], seq + i - start + 1)
         return count - start
 
     # --- consumer ------------------------------------------------------------------

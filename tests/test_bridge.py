@@ -6,6 +6,7 @@ context); every child is reaped, every address is 127.0.0.1."""
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import select
 import signal
@@ -369,6 +370,52 @@ def test_state_file_survives_restart_and_is_exclusive(tmp_path):
     core.handle(SESSION, _data(1, [(2, b"a", []), (2, b"b", []), (2, b"c", [])]))
     assert [m for _k, m, _b in sink.got] == [b"c"]
     st.close()
+
+
+def _receive_numbered(path, n, sink_kind):
+    # a receiving bridge's core putting n one-message DATA messages, each
+    # recorded in the state file as it is put
+    st = B.StateFile(path)
+    sink = FakeSink() if sink_kind == "python" else Queue(capacity=16 << 20)
+    if sink_kind == "python":
+        sink.put = lambda kind, main, bufs, timeout: None      # no need to keep them
+    core = B.ReceiverCore(sink, st)
+    core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, 1, 1)])
+    for seq in range(1, n + 1):
+        core.handle(SESSION, _data(seq, [(2, b"m", [])]))
+        if sink_kind == "queue" and seq % 1000 == 0:
+            while sink.qsize():
+                sink.get()
+    st.close()
+
+
+@pytest.mark.parametrize("sink_kind", ["python", "queue"])
+def test_state_file_count_is_never_seen_torn(tmp_path, sink_kind):
+    # Another process (or a SIGKILL, which freezes whatever is there) must
+    # only ever see whole counts: a count that went back, even for an
+    # instant, is what a restarted receiver would resume from.
+    path = str(tmp_path / "st")
+    n = 20_000
+    B.StateFile(path).close()                      # create it: the reader maps it first
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    off = len(B.StateFile.MAGIC) + 16               # slot 0's delivered word
+    seen, last, went_back = 0, 0, []
+    with Forked(_receive_numbered, path, n, sink_kind) as w:
+        while w.status is None:
+            v = struct.unpack_from("<Q", mm, off)[0]
+            if v < last:
+                went_back.append((last, v))
+            last = v
+            seen += 1
+            if seen % 4096 == 0:
+                pid, st = os.waitpid(w.pid, os.WNOHANG)
+                if pid:
+                    w.status = st
+    mm.close()
+    assert os.waitstatus_to_exitcode(w.status) == 0
+    assert last == n
+    assert not went_back, f"the count went back {len(went_back)} times, e.g. {went_back[:3]}"
 
 
 def test_fuzz_receive_side():

@@ -554,7 +554,13 @@ class StateFile:
     """The last delivered sequence number per session, in a small mmap'ed
     file: one 8-byte store after each put (a SIGKILL cannot lose a store to a
     shared file mapping; power loss can, msync'ed only at close).  Locked
-    (flock) so that two receivers cannot share it."""
+    (flock) so that two receivers cannot share it.
+
+    The stores go through `words`, a u64 view of the mapping: one item
+    assignment is one aligned 8-byte store.  struct.pack_into would not do:
+    it zeroes the field, then writes it a byte at a time, so a SIGKILL in
+    between would leave a count of 0 or a torn one behind, and the restarted
+    receiver would take the whole stream again."""
 
     MAGIC = b"VRBSTATE1\0\0\0\0\0\0\0"
     SLOTS = 1024
@@ -581,6 +587,7 @@ class StateFile:
             os.close(fd)
             raise
         self.fd = fd
+        self.words = memoryview(self.mm).cast("Q")
         if self.mm[:len(self.MAGIC)] == b"\0" * len(self.MAGIC):
             self.mm[:len(self.MAGIC)] = self.MAGIC
         elif self.mm[:len(self.MAGIC)] != self.MAGIC:
@@ -612,13 +619,23 @@ class StateFile:
                 i = min(used, key=lambda j: self.SLOT.unpack_from(self.mm, self._off(j))[2])
                 old = self.SLOT.unpack_from(self.mm, self._off(i))[0]
                 del self.slots[old]
-            self.SLOT.pack_into(self.mm, self._off(i), session, delivered, time.time_ns())
+            # free the slot, fill it, then name it: a kill half-way leaves
+            # a free slot or a slot of a session id nobody uses, never a
+            # session with another one's count
+            off = self._off(i)
+            self.mm[off:off + 16] = bytes(16)
+            self.words[(off + 16) >> 3] = delivered
+            self.words[(off + 24) >> 3] = time.time_ns()
+            self.mm[off:off + 16] = session
             self.slots[session] = i
         else:
-            struct.pack_into("<Q", self.mm, self._off(i) + 24, time.time_ns())
+            self.words[(self._off(i) + 24) >> 3] = time.time_ns()
         return self._off(i) + 16
 
     def close(self) -> None:
+        if getattr(self, "words", None) is not None:
+            self.words.release()
+            self.words = None
         if getattr(self, "mm", None) is not None:
             self.mm.flush()
             self.mm.close()
@@ -843,16 +860,16 @@ class ReceiverCore:
             return self._resync(rid, s)
         skip = s.delivered + 1 - seq
         self.duplicates += min(skip, len(msgs))
-        mm, off = self.state.mm, s.off
-        pack = struct.pack_into
+        off = s.off
         record = isinstance(self.state, StateFile)
+        words = self.state.words if record else None
         n = s.delivered
         for kind, main, bufs, size in msgs[skip:]:
             if not self._put(kind, main, bufs):
                 break                        # stopped while the local object was full
             n += 1
             if record:
-                pack("<Q", mm, off, n)
+                words[off >> 3] = n              # one 8-byte store (see StateFile)
             self.messages += 1
             self.bytes += size
         s.delivered = n
