@@ -134,3 +134,13 @@ def wait_for(cond, what: str, timeout: float = WAIT_FOR_TIMEOUT) -> None:
         if time.monotonic() >= end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.001)
+
+
+def words(buf, fmt: str = "I") -> memoryview:
+    """`buf` (shared memory) as an array of machine words: storing one item is
+    one aligned store, so another process never reads half of it and a SIGKILL
+    never leaves half of it.  struct.pack_into is not: it zeroes the field and
+    then writes it a byte at a time, and a child killed in between leaves 0
+    behind (a consumer's whole log lost that way was once taken for lost
+    messages).  Native byte order, which the ring format already assumes."""
+    return memoryview(buf).cast(fmt)

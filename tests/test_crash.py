@@ -42,7 +42,7 @@ from vringipc import layout as L
 from vringipc import peers
 from vringipc._ring import LOCK_TID_MASK, QUEUE_OFFSETS
 
-from forking import Forked
+from forking import Forked, words
 
 WAIT = 10.0                      # bound for waits that must end for another reason
 pytestmark = pytest.mark.timeout(60)
@@ -347,9 +347,10 @@ def test_ch_producer_killed_after_publish_and_while_blocked(ch, child):
 
 
 def _produce_stream(report, ch, tag, sizes, acked_word):
+    acked = words(acked_word, "q")
     for i, n in enumerate(sizes):
         ch.send(msg(tag, i, n), timeout=WAIT)
-        struct.pack_into("<q", acked_word, 8 * tag, i)
+        acked[tag] = i
 
 
 @pytest.mark.timeout(60)
@@ -460,6 +461,7 @@ def test_ch_consumer_killed_holding_view_out_of_order(ch, child):
 
 def _consume_logging(report, ch, log, how):
     # log: shared array of u32 seqs, log[0] = count (stored after the entry)
+    log = words(log)
     while True:
         if how == "recv_many":
             batch = ch.recv_many(4, timeout=WAIT)
@@ -467,9 +469,9 @@ def _consume_logging(report, ch, log, how):
             batch = [ch.recv(timeout=WAIT)]
         for m in batch:
             _, seq = check(m)
-            n = struct.unpack_from("<I", log, 0)[0]
-            struct.pack_into("<I", log, 4 + 4 * n, seq)
-            struct.pack_into("<I", log, 0, n + 1)
+            n = log[0]
+            log[1 + n] = seq
+            log[0] = n + 1
 
 
 @pytest.mark.parametrize("how", ["recv", "recv_many"])
@@ -820,9 +822,10 @@ def test_q_committed_message_delivered_without_another_producer(q, child):
 def _put_forever(report, q, tag, size, acked):
     i = 0
     body = bytes(random.Random(tag).randbytes(size))
+    acked = words(acked, "q")
     while True:
         q.put(msg(tag, i, 16) + body, timeout=WAIT)
-        struct.pack_into("<q", acked, 0, i)
+        acked[0] = i
         i += 1
 
 
@@ -1023,11 +1026,12 @@ def test_q_consumer_killed_in_lock_before_commit(q, child):
 
 
 def _get_forever(report, q, log):
+    log = words(log)
     while True:
         _, seq = _check_big(q.get(timeout=WAIT))
-        n = struct.unpack_from("<I", log, 0)[0]
-        struct.pack_into("<I", log, 4 + 4 * n, seq)
-        struct.pack_into("<I", log, 0, n + 1)
+        n = log[0]
+        log[1 + n] = seq
+        log[0] = n + 1
 
 
 @pytest.mark.timeout(60)
@@ -1129,12 +1133,14 @@ def test_q_blocked_get_ends_when_others_died_before_first_use(q, child):
 
 def _q_producer(report, q, tag, n, acked):
     rng = random.Random(tag)
+    acked = words(acked, "q")
     for i in range(n):
         q.put(msg(tag, i, rng.choice([20, 2000, 60000])), timeout=WAIT)
-        struct.pack_into("<q", acked, 8 * tag, i)
+        acked[tag] = i
 
 
 def _q_consumer(report, q, log, nocopy):
+    log = words(log)
     held = []
     while True:
         if nocopy:
@@ -1145,9 +1151,10 @@ def _q_consumer(report, q, log, nocopy):
         else:
             m = q.get(timeout=WAIT)
         tag, seq = check(m)
-        n = struct.unpack_from("<I", log, 0)[0]
-        struct.pack_into("<II", log, 4 + 8 * n, tag, seq)
-        struct.pack_into("<I", log, 0, n + 1)
+        n = log[0]
+        log[1 + 2 * n] = tag
+        log[2 + 2 * n] = seq
+        log[0] = n + 1
 
 
 @pytest.mark.timeout(90)

@@ -69,7 +69,9 @@ class Word:
         return struct.unpack_from("<H", self.buf, self.off)[0]
 
     def set(self, v: int) -> None:
-        struct.pack_into("<H", self.buf, self.off, v & 0xFFFF)
+        # one 16-bit store (struct.pack_into zeroes the field first, which
+        # the peer reading it concurrently could see)
+        memoryview(self.buf).cast("H")[self.off // 2] = v & 0xFFFF
 
 
 def _host_word(ring, event_idx):
