@@ -20,6 +20,13 @@ that puts into a local Queue read by the consumer: half a bridge and none of
 its code, the ceiling that a receiving process of its own sets on this
 machine.
 
+CPU: for every throughput case, the CPU time each process spent (all its
+threads, zmq's I/O threads included; getrusage as each child ends, this
+process's own over the case), per message.  With more busy processes than
+cores, messages/s is about cores / (the summed CPU per message): that sum,
+not the slowest stage, is what a bridged pipeline of four processes is held
+to on a machine with two cores.
+
 Latency: ping-pong of a 64 B message, A -> bridge pair -> B -> bridge pair -> A,
 against a raw zmq ping-pong (PUSH/PULL both ways): the medians and their
 difference, the round-trip latency the bridges add.
@@ -32,8 +39,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import multiprocessing
+import resource
 import socket
 import statistics
 import sys
@@ -62,6 +71,43 @@ def child(fn, *args) -> multiprocessing.Process:
     p = multiprocessing.get_context("fork").Process(target=fn, args=args)
     p.start()
     return p
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process so far, all its threads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _metered(slots, k, fn, *args):
+    try:
+        fn(*args)
+    finally:
+        slots[k] = cpu_seconds()          # one aligned 8-byte store
+
+
+class CpuMeter:
+    """The CPU time of one case's processes: each child started with
+    meter.child(role, ...) stores its own as it ends (all its life: idle
+    waits cost nothing); this process counts from the meter's creation to
+    per_message()."""
+
+    def __init__(self):
+        self._mm = mmap.mmap(-1, 8 * 16)
+        self.slots = memoryview(self._mm).cast("d")
+        self.roles: dict[str, int] = {}
+        self.t0 = cpu_seconds()
+
+    def child(self, role: str, fn, *args) -> multiprocessing.Process:
+        self.roles[role] = k = len(self.roles)
+        return child(_metered, self.slots, k, fn, *args)
+
+    def per_message(self, n: int, me: str = "consumer") -> dict:
+        """Microseconds of CPU per message by role; call once the children
+        are reaped."""
+        out = {r: self.slots[k] * 1e6 / n for r, k in self.roles.items()}
+        out[me] = (cpu_seconds() - self.t0) * 1e6 / n
+        return out
 
 
 def run_bridge(kind, local, ep):
@@ -104,10 +150,12 @@ def bridged_tp(kind, size, n, numpy=False):
     """Bytes put/get (send/recv), or with numpy=True a NumPy array put (one
     copy in, pickled out-of-band) and get_nocopy() (no copy out)."""
     a, b = make(kind, size, n), make(kind, size, n)
+    meter = CpuMeter()
     put = a.put if kind == "queue" else a.send
     get = b.get if kind == "queue" else b.recv
     ep = f"tcp://127.0.0.1:{free_port()}"
-    br = [child(run_bridge, "recv", b, ep), child(run_bridge, "send", a, ep)]
+    br = [meter.child("receiver", run_bridge, "recv", b, ep),
+          meter.child("sender", run_bridge, "send", a, ep)]
     msg = b"x" * size
     if numpy:
         msg = np.frombuffer(msg, np.uint8)
@@ -116,13 +164,14 @@ def bridged_tp(kind, size, n, numpy=False):
     def produce():
         for _ in range(n):
             put(msg)
-    p = child(produce)
+    p = meter.child("producer", produce)
     try:
-        return gets_per_second(get, n, [p])
+        rate = gets_per_second(get, n, [p])
     finally:
         reap(br, br)
         a.close()
         b.close()
+    return rate, meter.per_message(n)
 
 
 def zmq_push(ep, msg, n):
@@ -143,16 +192,16 @@ def raw_tp(size, n):
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.bind(ep)
-    p = child(zmq_push, ep, b"x" * size, n)
-    pull.recv()
-    t0 = time.perf_counter()
-    for _ in range(n - 1):
-        pull.recv(copy=size < ZERO_COPY_FROM)
-    dt = time.perf_counter() - t0
-    reap([p])
-    pull.close()
-    ctx.term()
-    return (n - 1) / dt
+    pull.rcvtimeo = 60_000
+    meter = CpuMeter()
+    p = meter.child("producer", zmq_push, ep, b"x" * size, n)
+    copy = size < ZERO_COPY_FROM
+    try:
+        rate = gets_per_second(lambda timeout: pull.recv(copy=copy), n, [p])
+    finally:
+        pull.close()
+        ctx.term()
+    return rate, meter.per_message(n)
 
 
 def relay_tp(size, n):
@@ -164,6 +213,7 @@ def relay_tp(size, n):
     machine, before any protocol, window or second copy."""
     ep = f"tcp://127.0.0.1:{free_port()}"
     q = make("queue", size, n)
+    meter = CpuMeter()
     msg = b"x" * size
     zero_copy = size >= ZERO_COPY_FROM
 
@@ -178,11 +228,12 @@ def relay_tp(size, n):
         s.close()
         c.term()
 
-    procs = [child(relay), child(zmq_push, ep, msg, n)]
+    procs = [meter.child("relay", relay), meter.child("producer", zmq_push, ep, msg, n)]
     try:
-        return gets_per_second(q.get_nocopy if zero_copy else q.get, n, procs)
+        rate = gets_per_second(q.get_nocopy if zero_copy else q.get, n, procs)
     finally:
         q.close()
+    return rate, meter.per_message(n)
 
 
 def bridged_rtt(kind, rounds=2000):
@@ -267,11 +318,14 @@ def main() -> None:
         c["relay"] = lambda s=size, n=n: relay_tp(s, n)
         cases[size] = c
     tp = {s: {k: [] for k in c} for s, c in cases.items()}
+    cpu = {s: {k: [] for k in c} for s, c in cases.items()}       # per run: role -> us/msg
     rtt = {"bridged": [], "raw": []}
     for r in range(args.runs):
         for size, c in cases.items():
             for k, fn in c.items():
-                tp[size][k].append(fn())
+                rate, per_role = fn()
+                tp[size][k].append(rate)
+                cpu[size][k].append(per_role)
             print(f"run {r + 1} {size:>8} B: " + "  ".join(
                 f"{k} {v[-1]:,.0f}" for k, v in tp[size].items()) + " msg/s", file=sys.stderr)
         rtt["raw"].append(raw_rtt())
@@ -297,6 +351,16 @@ def main() -> None:
     print("bridged: bytes put()/get(); bridged_numpy: a NumPy array put(), get_nocopy(); "
           "relay: raw pyzmq into a process that puts into a local Queue (half a bridge, "
           "no bridge code)")
+    print("\nCPU per message, all processes and threads (us, medians; on this machine "
+          f"the ceiling is {os.cpu_count()} cores / the total)")
+    for size in SIZES:
+        for c, runs in cpu[size].items():
+            roles = {r: statistics.median(x[r] for x in runs) for r in runs[0]}
+            total = statistics.median(sum(x.values()) for x in runs)
+            res["throughput"][size].setdefault("cpu_us_per_msg", {})[c] = {
+                "total": total, **roles}
+            print(f"{size:>9} {c:>14} {total:>9.1f}  " + "  ".join(
+                f"{r} {v:.1f}" for r, v in roles.items()))
     rr, rb = statistics.median(rtt["raw"]), statistics.median(rtt["bridged"])
     res["latency_us"] = {"raw": rtt["raw"], "bridged": rtt["bridged"], "added": rb - rr}
     print(f"round trip 64 B (median): raw zmq {rr:.0f} us, through two bridge pairs {rb:.0f} us,"
