@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import platform
 import select
 import signal
 import socket
@@ -351,6 +352,23 @@ def test_receiver_core_sequence_rules(caplog):
     # a receiver that restarts without memory learns where to resume from HELLO
     core2 = B.ReceiverCore(FakeSink())
     assert core2.handle(SESSION, _data(4, [(0, b"m4", [])])) == [[B.T_RESYNC]]
+
+
+def _keep_freed(report_fd):
+    os.write(report_fd, b"1" if B.keep_freed_buffers() else b"0")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_buffers_takes_effect_on_glibc():
+    # in a child: the setting is process-wide
+    r, w = os.pipe()
+    try:
+        with Forked(_keep_freed, w) as c:
+            assert c.join() == 0
+        assert os.read(r, 1) == b"1"
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_state_file_survives_restart_and_is_exclusive(tmp_path):

@@ -88,9 +88,9 @@ import urllib.parse
 
 log = logging.getLogger("vringipc.bridge")
 
-__all__ = ["Sender", "Receiver", "run_until_signal", "ProtocolError", "BridgeRefused", "ReceiverCore",
-           "StateFile", "open_local", "check_endpoint", "CurveClient", "CurveServer",
-           "keygen", "KINDS"]
+__all__ = ["Sender", "Receiver", "run_until_signal", "keep_freed_buffers", "ProtocolError",
+           "BridgeRefused", "ReceiverCore", "StateFile", "open_local", "check_endpoint",
+           "CurveClient", "CurveServer", "keygen", "KINDS"]
 
 KINDS = (0, 1, 2)                   # MSG_PICKLE, MSG_CUSTOM, MSG_RAW_BYTES (vringipc.queue)
 MSG_RAW_BYTES = 2
@@ -1247,10 +1247,36 @@ class Sender:
         self.link.close()
 
 
-def run_until_signal(b, **run_kw) -> None:
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEEP_FREED_BYTES = 64 << 20
+
+
+def keep_freed_buffers(keep: int = KEEP_FREED_BYTES) -> bool:
+    """Let this process's malloc keep freed large buffers for reuse (glibc
+    only; False elsewhere).  libzmq allocates a buffer for every large message
+    it receives; by default glibc hands a freed one back to the kernel soon
+    after, and the next message faults its pages in again: 60-95 page faults
+    per MiB received in bench/bridge_bench.py, a third of a receiving bridge's
+    CPU at 1 MiB.  Buffers up to 32 MiB (glibc's largest setting) then come
+    from the heap, and up to `keep` bytes of freed heap are kept.  For a
+    process whose job is bridging: run_until_signal() calls it."""
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20) and mallopt(_M_TRIM_THRESHOLD, keep))
+
+
+def run_until_signal(b, *, tune_malloc: bool = True, **run_kw) -> None:
     """Run a Sender or Receiver until SIGINT or SIGTERM (a Sender then
-    drains), and close it.  Call from the main thread of the process."""
+    drains), and close it: the process's job (what `vringipc bridge` runs).
+    Call from the main thread of the process.  With tune_malloc (default)
+    the process keeps freed message buffers (keep_freed_buffers)."""
     import signal
+    if tune_malloc:
+        keep_freed_buffers()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -1414,6 +1440,7 @@ def cli_main(args) -> int:
         local.close()
         return 2
     code = 0
+    keep_freed_buffers()                 # this process only bridges
     try:
         if sending:
             b.run(stop, status, args.status_every, drain_timeout=args.drain_timeout)
