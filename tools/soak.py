@@ -128,27 +128,33 @@ EXIT_OK, EXIT_PEER, EXIT_ERROR = 0, 3, 4
 
 
 class Status:
-    """A worker's words in the shared anonymous mapping (plain stores; read by
-    the orchestrator only while the worker is stopped or gone)."""
+    """A worker's words in the shared anonymous mapping, read by the
+    orchestrator while the worker is stopped or gone.  Every store is one
+    aligned machine-word store (a memoryview item): struct.pack_into zeroes a
+    field and then writes it a byte at a time, and a worker SIGKILLed in
+    between would leave a zeroed phase or acked count behind."""
 
     def __init__(self, mm: mmap.mmap, index: int):
         self.mm = mm
         self.base = SLOT0 + SLOT_SIZE * index
+        self.w32 = memoryview(mm).cast("I")
+        self.w64 = memoryview(mm).cast("q")
 
     def set32(self, off, v):
-        struct.pack_into("<I", self.mm, self.base + off, v)
+        self.w32[(self.base + off) >> 2] = v
 
     def get32(self, off):
-        return struct.unpack_from("<I", self.mm, self.base + off)[0]
+        return self.w32[(self.base + off) >> 2]
 
     def set64(self, off, v):
-        struct.pack_into("<q", self.mm, self.base + off, v)
+        self.w64[(self.base + off) >> 3] = v
 
     def get64(self, off):
-        return struct.unpack_from("<q", self.mm, self.base + off)[0]
+        return self.w64[(self.base + off) >> 3]
 
     def phase(self, p, risk=0):
-        struct.pack_into("<II", self.mm, self.base, p, risk)
+        # phase and risk in one 8-byte store: never one without the other
+        self.w64[(self.base + S_PHASE) >> 3] = p | risk << 32
 
     def beat(self):
         self.set64(S_BEAT, self.get64(S_BEAT) + 1)
@@ -159,7 +165,8 @@ def g_get(mm, off):
 
 
 def g_set(mm, off, v):
-    struct.pack_into("<I", mm, off, v)
+    with memoryview(mm) as m, m.cast("I") as w:
+        w[off >> 2] = v
 
 
 def count_fds(pidfds: bool = True) -> int:
