@@ -925,11 +925,17 @@ cdef class QueueCore:
         if vr_load_relaxed_u32(sleepers) != 0:
             _signal_fd(fd)
 
-    cdef int _spin(self, uint64_t *word, int64_t deadline) except -1:
+    cdef int _spin(self, uint64_t *word, int64_t deadline, uint64_t seen) except -1:
         """Busy-wait (GIL released) up to spin_ns for the counter *word (puts
-        or takes) to move, in 20 ms slices with a signal and close check
-        between them.  How it spins (poll / yield, adaptive budget) is
-        vr_wait.h's policy."""
+        or takes) to differ from `seen`, in 20 ms slices with a signal and
+        close check between them.  How it spins (poll / yield, adaptive
+        budget) is vr_wait.h's policy.
+
+        `seen` is the counter as the caller loaded it (acquire) BEFORE the
+        attempt that failed: a put or take landing between that attempt and
+        this call has already moved it, so the spin ends at once.  (Loading it
+        here instead missed exactly that one, and the waiter spun out its
+        whole budget: 30 s stalls of a ping-pong with spin=30.)"""
         cdef int64_t left = self.spin_ns
         cdef int64_t end
         cdef bint moved = False
@@ -938,7 +944,7 @@ cdef class QueueCore:
         cdef vr_spin_t sp
         cdef vr_u64_wait_t cond
         cond.word = word
-        cond.val = vr_load_relaxed_u64(word)
+        cond.val = seen
         if left > 0:
             vr_spin_begin(pol, &sp, left)
         while left > 0 and not moved:
@@ -1016,9 +1022,12 @@ cdef class QueueCore:
         if total + 2 * REC_HDR > self.data_size or total > self.h.max_msg:
             raise MessageTooLarge(f"message of {total} bytes can never fit: the queue "
                                   f"holds at most {self.max_message} bytes")
+        cdef uint64_t takes_seen
         self.mapped.enter()
         try:
             while True:
+                # before the attempt (acquire): see _spin
+                takes_seen = vr_load_acquire_u64(self.takes)
                 rc = self._put_once(srcs, lens, n, total, lock_deadline)
                 if rc == 0:
                     return 0
@@ -1035,7 +1044,7 @@ cdef class QueueCore:
                 if deadline == -2:
                     # brief spin: room usually appears within microseconds
                     deadline = _deadline(timeout)
-                    self._spin(self.takes, deadline)
+                    self._spin(self.takes, deadline, takes_seen)
                     continue
                 # Announce ourselves, then try once more: a consumer that freed
                 # room before seeing the announcement is caught by this retry,
@@ -1539,9 +1548,13 @@ cdef class QueueCore:
         cdef int64_t lock_deadline = _deadline(timeout) if (block and timeout is not None) else -1
         if hold:
             hm = HeldMessage.__new__(HeldMessage)     # GC-tracked: allocate outside the lock
+        cdef uint64_t puts_seen
         self.mapped.enter()
         try:
             while True:
+                # before the attempt (acquire): messages it counts are
+                # published, so a put after it is one the attempt may miss
+                puts_seen = vr_load_acquire_u64(self.puts)
                 if self._lock(self.clock_, lock_deadline) < 0:
                     raise Empty()
                 with nogil:
@@ -1601,7 +1614,7 @@ cdef class QueueCore:
                     raise Empty()
                 if deadline == -2:
                     deadline = _deadline(timeout)
-                    self._spin(self.puts, deadline)
+                    self._spin(self.puts, deadline, puts_seen)
                     continue
                 vr_fetch_add_u32(self.get_sleepers, 1)
                 try:

@@ -175,3 +175,37 @@ def test_bare_buffer_rings_have_no_hints():
         rx.recv(timeout=0.001)
     assert not any(buf[0x300:0x400])
     rx.close()
+
+
+def _echo_n(qa, qb, n):
+    for _ in range(n):
+        qb.put(qa.get())
+
+
+def _put_n(q, n):
+    for i in range(n):
+        q.put(i)
+
+
+@pytest.mark.timeout(25)
+def test_a_long_spin_misses_no_put_or_take():
+    # A waiter that spins (here up to 30 s, the benchmark's "spin" policy)
+    # must notice a put or take that lands between its failed attempt and
+    # the start of its spin.  It once did not, and spun out its whole budget:
+    # a ping-pong stalled 30 s in about one run of `vringipc bench compare`
+    # in two.  Two thousand round trips (the get side) and a maxsize-1 stream
+    # (the put side) each take well under a second when nothing is missed;
+    # one miss costs 30 s, past this test's timeout (the calls have none: a
+    # timeout would end the spin early and hide the miss).
+    qa, qb = Queue(spin=30.0), Queue(spin=30.0)
+    with Forked(_echo_n, qa, qb, 2000) as c:
+        for i in range(2000):
+            qa.put(i)
+            assert qb.get() == i
+        assert c.join() == 0
+    q1 = Queue(1, spin=30.0)
+    with Forked(_put_n, q1, 2000) as c:
+        assert [q1.get() for _ in range(2000)] == list(range(2000))
+        assert c.join() == 0
+    for q in (qa, qb, q1):
+        q.close()
