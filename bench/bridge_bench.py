@@ -21,7 +21,7 @@ its code, the ceiling that a receiving process of its own sets on this
 machine.
 
 CPU: for every throughput case, the CPU time each process spent (all its
-threads, zmq's I/O threads included; getrusage as each child ends, this
+threads, zmq's I/O threads included; process_time() as each child ends, this
 process's own over the case), per message.  With more busy processes than
 cores, messages/s is about cores / (the summed CPU per message): that sum,
 not the slowest stage, is what a bridged pipeline of four processes is held
@@ -42,7 +42,6 @@ import json
 import mmap
 import os
 import multiprocessing
-import resource
 import socket
 import statistics
 import sys
@@ -73,17 +72,11 @@ def child(fn, *args) -> multiprocessing.Process:
     return p
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process so far, all its threads."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def _metered(slots, k, fn, *args):
     try:
         fn(*args)
     finally:
-        slots[k] = cpu_seconds()          # one aligned 8-byte store
+        slots[k] = time.process_time()    # all its threads; one aligned 8-byte store
 
 
 class CpuMeter:
@@ -96,7 +89,7 @@ class CpuMeter:
         self._mm = mmap.mmap(-1, 8 * 16)
         self.slots = memoryview(self._mm).cast("d")
         self.roles: dict[str, int] = {}
-        self.t0 = cpu_seconds()
+        self.t0 = time.process_time()
 
     def child(self, role: str, fn, *args) -> multiprocessing.Process:
         self.roles[role] = k = len(self.roles)
@@ -106,7 +99,7 @@ class CpuMeter:
         """Microseconds of CPU per message by role; call once the children
         are reaped."""
         out = {r: self.slots[k] * 1e6 / n for r, k in self.roles.items()}
-        out[me] = (cpu_seconds() - self.t0) * 1e6 / n
+        out[me] = (time.process_time() - self.t0) * 1e6 / n
         return out
 
 
@@ -307,7 +300,7 @@ def main() -> None:
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     res: dict = {"kind": args.kind, "runs": args.runs, "throughput": {}, "latency_us": {}}
-    # per size: case -> (label, function); the NumPy case only where a Queue
+    # per size: case name -> function; the NumPy case only where a Queue
     # has zero-copy calls worth using
     cases = {}
     for size, n in SIZES.items():
