@@ -12,7 +12,7 @@ import pytest
 
 from vringipc.ring import SharedRing
 
-from forking import wait_for
+from forking import wait_for, words
 from test_lifecycle_channel import WAIT, Blocked, _in_child
 
 NUM = 8
@@ -71,7 +71,7 @@ class Word:
     def set(self, v: int) -> None:
         # one 16-bit store (struct.pack_into zeroes the field first, which
         # the peer reading it concurrently could see)
-        memoryview(self.buf).cast("H")[self.off // 2] = v & 0xFFFF
+        words(self.buf, "H")[self.off // 2] = v & 0xFFFF
 
 
 def _host_word(ring, event_idx):

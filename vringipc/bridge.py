@@ -872,10 +872,7 @@ class ReceiverCore:
                 words[off >> 3] = n              # one 8-byte store (see StateFile)
             self.messages += 1
             self.bytes += size
-        s.delivered = n
-        if not record:
-            self.state.d[rid] = n
-        return [[T_ACK, ACK.pack(n)]]
+        return self._delivered(rid, s, n, record)
 
     def _data_packed(self, rid, s, seq, count, meta, blob, lens):
         """_data() for a packed DATA message: the puts in one C call per
@@ -897,8 +894,13 @@ class ReceiverCore:
                 break                        # stopped while the local object was full
         self.messages += start - first
         self.bytes += sum(lens[first:start])
+        return self._delivered(rid, s, n, record)
+
+    def _delivered(self, rid, s, n: int, recorded: bool) -> list:
+        """Messages up to n are in the local object (and, if `recorded`, in
+        the state file already): remember it, acknowledge it."""
         s.delivered = n
-        if not record:
+        if not recorded:
             self.state.d[rid] = n
         return [[T_ACK, ACK.pack(n)]]
 
