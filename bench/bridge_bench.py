@@ -2,6 +2,7 @@
 run as raw pyzmq PUSH/PULL with the same message sizes.
 
     python bench/bridge_bench.py [--runs 3] [--kind queue|channel] [--json out.json]
+                                 [--sizes 64,65536,1048576] [--no-tune-malloc]
 
 Throughput: a producer process puts N messages into a local object, a sender
 bridge and a receiver bridge (two more processes) carry them over
@@ -42,6 +43,7 @@ import json
 import mmap
 import os
 import multiprocessing
+import resource
 import socket
 import statistics
 import sys
@@ -72,40 +74,51 @@ def child(fn, *args) -> multiprocessing.Process:
     return p
 
 
+def _usage() -> tuple[float, int]:
+    """CPU seconds (all threads) and minor page faults of this process so far."""
+    return time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _metered(slots, k, fn, *args):
     try:
         fn(*args)
     finally:
-        slots[k] = time.process_time()    # all its threads; one aligned 8-byte store
+        # each one aligned 8-byte store
+        slots[2 * k], slots[2 * k + 1] = _usage()
 
 
 class CpuMeter:
-    """The CPU time of one case's processes: each child started with
-    meter.child(role, ...) stores its own as it ends (all its life: idle
-    waits cost nothing); this process counts from the meter's creation to
-    per_message()."""
+    """The CPU time and page faults of one case's processes: each child
+    started with meter.child(role, ...) stores its own as it ends (all its
+    life: idle waits cost nothing); this process counts from the meter's
+    creation to per_message()."""
 
     def __init__(self):
         self._mm = mmap.mmap(-1, 8 * 16)
         self.slots = memoryview(self._mm).cast("d")
         self.roles: dict[str, int] = {}
-        self.t0 = time.process_time()
+        self.t0 = _usage()
 
     def child(self, role: str, fn, *args) -> multiprocessing.Process:
         self.roles[role] = k = len(self.roles)
         return child(_metered, self.slots, k, fn, *args)
 
     def per_message(self, n: int, me: str = "consumer") -> dict:
-        """Microseconds of CPU per message by role; call once the children
-        are reaped."""
-        out = {r: self.slots[k] * 1e6 / n for r, k in self.roles.items()}
-        out[me] = (time.process_time() - self.t0) * 1e6 / n
+        """role -> (microseconds of CPU, minor page faults) per message;
+        call once the children are reaped."""
+        out = {r: (self.slots[2 * k] * 1e6 / n, self.slots[2 * k + 1] / n)
+               for r, k in self.roles.items()}
+        cpu, faults = _usage()
+        out[me] = ((cpu - self.t0[0]) * 1e6 / n, (faults - self.t0[1]) / n)
         return out
+
+
+TUNE_MALLOC = True           # --no-tune-malloc: bridges without keep_freed_buffers()
 
 
 def run_bridge(kind, local, ep):
     bridge.run_until_signal(bridge.Sender(local, ep) if kind == "send"
-                            else bridge.Receiver(local, ep))
+                            else bridge.Receiver(local, ep), tune_malloc=TUNE_MALLOC)
 
 
 def reap(procs, term=()):
@@ -298,12 +311,20 @@ def main() -> None:
     ap.add_argument("--kind", choices=("queue", "channel"),
                     default="queue" if hasattr(vringipc.Queue, "get_message") else "channel")
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--no-tune-malloc", action="store_true",
+                    help="bridges without keep_freed_buffers() (what it buys)")
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)),
+                    help="comma-separated message sizes, of " + ",".join(map(str, SIZES)))
     args = ap.parse_args()
-    res: dict = {"kind": args.kind, "runs": args.runs, "throughput": {}, "latency_us": {}}
+    global TUNE_MALLOC
+    TUNE_MALLOC = not args.no_tune_malloc
+    sizes = {int(x): SIZES[int(x)] for x in args.sizes.split(",")}
+    res: dict = {"kind": args.kind, "runs": args.runs, "tune_malloc": TUNE_MALLOC,
+                 "throughput": {}, "latency_us": {}}
     # per size: case name -> function; the NumPy case only where a Queue
     # has zero-copy calls worth using
     cases = {}
-    for size, n in SIZES.items():
+    for size, n in sizes.items():
         c = {"raw": lambda s=size, n=n: raw_tp(s, n),
              "bridged": lambda s=size, n=n: bridged_tp(args.kind, s, n)}
         if args.kind == "queue" and size >= ZERO_COPY_FROM:
@@ -311,7 +332,7 @@ def main() -> None:
         c["relay"] = lambda s=size, n=n: relay_tp(s, n)
         cases[size] = c
     tp = {s: {k: [] for k in c} for s, c in cases.items()}
-    cpu = {s: {k: [] for k in c} for s, c in cases.items()}       # per run: role -> us/msg
+    cpu = {s: {k: [] for k in c} for s, c in cases.items()}  # per run: role -> (us, faults)
     rtt = {"bridged": [], "raw": []}
     for r in range(args.runs):
         for size, c in cases.items():
@@ -327,7 +348,7 @@ def main() -> None:
           f"medians of {args.runs} runs (msg/s, and the ratio to raw)")
     cols = ("bridged", "bridged_numpy", "relay")
     print(f"{'size':>9} {'raw':>10} " + " ".join(f"{c:>21}" for c in cols))
-    for size in SIZES:
+    for size in sizes:
         raw = statistics.median(tp[size]["raw"])
         row = {"raw": tp[size]["raw"]}
         cells = []
@@ -345,15 +366,18 @@ def main() -> None:
           "relay: raw pyzmq into a process that puts into a local Queue (half a bridge, "
           "no bridge code)")
     print("\nCPU per message, all processes and threads (us, medians; on this machine "
-          f"the ceiling is {os.cpu_count()} cores / the total)")
-    for size in SIZES:
+          f"the ceiling is {os.cpu_count()} cores / the total), and in brackets minor page "
+          "faults per message")
+    for size in sizes:
         for c, runs in cpu[size].items():
-            roles = {r: statistics.median(x[r] for x in runs) for r in runs[0]}
-            total = statistics.median(sum(x.values()) for x in runs)
-            res["throughput"][size].setdefault("cpu_us_per_msg", {})[c] = {
-                "total": total, **roles}
+            roles = {r: statistics.median(x[r][0] for x in runs) for r in runs[0]}
+            faults = {r: statistics.median(x[r][1] for x in runs) for r in runs[0]}
+            total = statistics.median(sum(v[0] for v in x.values()) for x in runs)
+            row = res["throughput"][size]
+            row.setdefault("cpu_us_per_msg", {})[c] = {"total": total, **roles}
+            row.setdefault("page_faults_per_msg", {})[c] = faults
             print(f"{size:>9} {c:>14} {total:>9.1f}  " + "  ".join(
-                f"{r} {v:.1f}" for r, v in roles.items()))
+                f"{r} {roles[r]:.1f} ({faults[r]:.0f})" for r in roles))
     rr, rb = statistics.median(rtt["raw"]), statistics.median(rtt["bridged"])
     res["latency_us"] = {"raw": rtt["raw"], "bridged": rtt["bridged"], "added": rb - rr}
     print(f"round trip 64 B (median): raw zmq {rr:.0f} us, through two bridge pairs {rb:.0f} us,"
