@@ -1258,11 +1258,12 @@ def keep_freed_buffers(keep: int = KEEP_FREED_BYTES) -> bool:
     """Let this process's malloc keep freed large buffers for reuse (glibc
     only; False elsewhere).  libzmq allocates a buffer for every large message
     it receives; by default glibc hands a freed one back to the kernel soon
-    after, and the next message faults its pages in again: 60-95 page faults
-    per MiB received in bench/bridge_bench.py, a third of a receiving bridge's
-    CPU at 1 MiB.  Buffers up to 32 MiB (glibc's largest setting) then come
-    from the heap, and up to `keep` bytes of freed heap are kept.  For a
-    process whose job is bridging: run_until_signal() calls it."""
+    after, and the next message faults its pages in again: 97 page faults per
+    1 MiB message received in bench/bridge_bench.py, 30 with this, and a
+    quarter to a third less CPU in the receiving bridge.  Buffers up to
+    32 MiB (glibc's largest setting) then come from the heap, and up to
+    `keep` bytes of freed heap are kept.  For a process whose job is
+    bridging: run_until_signal() calls it."""
     try:
         import ctypes
         mallopt = ctypes.CDLL(None).mallopt
