@@ -102,7 +102,7 @@ def seqs(msgs):
 def test_channel_round_trip_in_order():
     a, b = vringipc.Channel(4 << 20), vringipc.Channel(4 << 20)
     ep = f"tcp://127.0.0.1:{free_port()}"
-    sizes = [8, 64, 1000, 70_000, 1 << 20] * 60
+    sizes = [8, 64, 1000, 70_000, B.INLINE_MAX - 1, B.INLINE_MAX, 1 << 20] * 40
     msgs = [numbered(i, s) for i, s in enumerate(sizes)]
     with reaped() as kids:
         r = start(kids, "recv", b, ep)
@@ -320,8 +320,8 @@ class FakeSink:
 SESSION = b"S" * 16
 
 
-def _data(seq, items, count=None):
-    frames = B.build_data(seq, items)
+def _data(seq, items, count=None, own_from=B.INLINE_MAX):
+    frames = B.build_data(seq, items, own_from)
     if count is not None:                   # a header that lies about the count
         frames[1] = frames[1][:8] + struct.pack("<I", count) + frames[1][12:]
     return frames
@@ -330,7 +330,7 @@ def _data(seq, items, count=None):
 def test_receiver_core_sequence_rules(caplog):
     sink = FakeSink()
     core = B.ReceiverCore(sink)
-    hello = [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, 7, 1)]
+    hello = [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, B.PROTOCOL, 7, 1)]
     assert core.handle(SESSION, hello) == [[B.T_WELCOME, B.WELCOME.pack(7, 0)]]
     assert core.handle(SESSION, _data(1, [(0, b"m1", [b"b"]), (2, b"m2", [])])) == \
         [[B.T_ACK, B.ACK.pack(2)]]
@@ -342,7 +342,7 @@ def test_receiver_core_sequence_rules(caplog):
     assert [m for _k, m, _b in sink.got] == [b"m1", b"m2", b"m3"]
     with caplog.at_level(logging.ERROR, logger="vringipc.bridge"):
         assert core.handle(SESSION, _data(4, [(3, b"x", [])])) == []          # kind 3
-        big = _data(4, [(0, b"x", [b"1" * 9000])])
+        big = _data(4, [(0, b"x", [b"1" * 9000])], own_from=8192)
         assert core.handle(SESSION, big[:-1]) == []                           # frame missing
         assert core.handle(SESSION, big[:2] + [b"y" + big[2]] + big[3:]) == []  # blob size
         assert core.handle(SESSION, _data(4, [(0, b"x" * 50_000, [])])) == []   # too large
@@ -352,6 +352,37 @@ def test_receiver_core_sequence_rules(caplog):
     # a receiver that restarts without memory learns where to resume from HELLO
     core2 = B.ReceiverCore(FakeSink())
     assert core2.handle(SESSION, _data(4, [(0, b"m4", [])])) == [[B.T_RESYNC]]
+
+
+def _receive_speaking(protocol, obj, ep):
+    B.PROTOCOL = protocol                       # this child's receiver only
+    B.run_until_signal(B.Receiver(obj, ep))
+
+
+def test_a_sender_of_another_protocol_version_is_refused():
+    # the receiver says why (T_ERR), the sender stops with BridgeRefused
+    # before taking anything from its local object
+    a, b = vringipc.Channel(1 << 20), vringipc.Channel(1 << 20)
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    a.send(b"stays here")
+    with reaped() as kids:
+        r = Forked(_receive_speaking, B.PROTOCOL + 1, b, ep)
+        kids.append(r)
+        s = B.Sender(a, ep)
+        try:
+            with pytest.raises(B.BridgeRefused, match="protocol"):
+                s.run(threading.Event())
+        finally:
+            s.close()
+        assert stop(r) == 0
+    assert a.recv(timeout=1) == b"stays here"
+    # the receive side on its own: no session is opened (a pre-version
+    # sender's HELLO had a zero where the version now is)
+    core = B.ReceiverCore(FakeSink())
+    for v in (0, B.PROTOCOL + 1):
+        rep = core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, v, 1, 1)])
+        assert rep[0][0] == B.T_ERR and b"protocol" in rep[0][1]
+    assert not core.sessions
 
 
 def _keep_freed(report_fd):
@@ -378,13 +409,13 @@ def test_state_file_survives_restart_and_is_exclusive(tmp_path):
     with pytest.raises(RuntimeError, match="in use"):
         B.StateFile(p)
     core = B.ReceiverCore(FakeSink(), st)
-    core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, 1, 1)])
+    core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, B.PROTOCOL, 1, 1)])
     core.handle(SESSION, _data(1, [(2, b"a", []), (2, b"b", [])]))
     st.close()
     st = B.StateFile(p)
     sink = FakeSink()
     core = B.ReceiverCore(sink, st)
-    assert core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, 1, 1)]) == \
+    assert core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, B.PROTOCOL, 1, 1)]) == \
         [[B.T_WELCOME, B.WELCOME.pack(1, 2)]]
     core.handle(SESSION, _data(1, [(2, b"a", []), (2, b"b", []), (2, b"c", [])]))
     assert [m for _k, m, _b in sink.got] == [b"c"]
@@ -399,7 +430,7 @@ def _receive_numbered(path, n, sink_kind):
     if sink_kind == "python":
         sink.put = lambda kind, main, bufs, timeout: None      # no need to keep them
     core = B.ReceiverCore(sink, st)
-    core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, 1, 1)])
+    core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, B.PROTOCOL, 1, 1)])
     for seq in range(1, n + 1):
         core.handle(SESSION, _data(seq, [(2, b"m", [])]))
         if sink_kind == "queue" and seq % 1000 == 0:
@@ -444,14 +475,27 @@ def test_fuzz_receive_side():
     frame = st.binary(max_size=64)
     part = st.one_of(st.binary(max_size=40), st.sampled_from([b"L" * 8192, b"L" * 9000]))
     item = st.tuples(st.integers(0, 4), part, st.lists(part, max_size=3))
+
+    def structured_data(seq, items, count, own_from, flip, drop, extra):
+        frames = _data(seq, items, count, own_from)
+        if flip is not None and items:
+            # a part said to be in the blob / in a frame of its own when it is not
+            hdr = bytearray(frames[1])
+            _s, c, nparts = B.DATA_HDR.unpack_from(hdr)
+            if nparts and len(hdr) >= B.DATA_HDR.size + 4 * c + 4 * nparts:
+                off = B.DATA_HDR.size + 4 * c + 4 * (flip % nparts)
+                struct.pack_into("<I", hdr, off,
+                                 struct.unpack_from("<I", hdr, off)[0] ^ B.OWN_FRAME)
+                frames[1] = bytes(hdr)
+        return frames[:len(frames) - drop] + extra
+
     structured = st.builds(
-        lambda seq, items, count, drop, extra: (
-            _data(seq, items, count)[:len(_data(seq, items, count)) - drop] + extra),
-        st.integers(0, 12), st.lists(item, min_size=0, max_size=5),
-        st.one_of(st.none(), st.integers(0, 70000)), st.integers(0, 2),
+        structured_data, st.integers(0, 12), st.lists(item, min_size=0, max_size=5),
+        st.one_of(st.none(), st.integers(0, 70000)), st.sampled_from([30, 8192, B.INLINE_MAX]),
+        st.one_of(st.none(), st.integers(0, 20)), st.integers(0, 2),
         st.lists(frame, max_size=2))
     raw = st.lists(frame, max_size=6)
-    hello = st.builds(lambda n, f: [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, n, f)],
+    hello = st.builds(lambda n, f: [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, B.PROTOCOL, n, f)],
                       st.integers(0, 3), st.integers(1, 6))
     message = st.one_of(structured, raw, hello,
                         st.builds(lambda f: [B.T_HELLO, f], frame))
@@ -545,7 +589,10 @@ def test_queue_round_trip_never_unpickles():
     np = pytest.importorskip("numpy")
     qa, qb = Queue(), Queue()
     ep = f"tcp://127.0.0.1:{free_port()}"
+    # arrays in the blob and in frames of their own (from INLINE_MAX on)
     objs = [{"i": i, "arr": np.full(1000 * (i % 5), i, dtype=np.int32)} for i in range(300)]
+    objs += [{"i": i, "arr": np.full(n // 4, i, dtype=np.int32)}
+             for i, n in enumerate([65536, B.INLINE_MAX - 4, B.INLINE_MAX, 300_000] * 5)]
     objs += [b"raw bytes", "text", None]
     with reaped() as kids:
         r = start(kids, "recv", qb, ep)
@@ -592,7 +639,7 @@ def test_queue_back_pressure_and_sigkilled_sender():
 
 
 @needs_raw
-@pytest.mark.parametrize("size", [16, 100_000])       # packed small messages; held large ones
+@pytest.mark.parametrize("size", [16, 100_000, 200_000])  # packed in C; large, held
 def test_stopped_sender_puts_its_unacknowledged_window_back(size):
     # The remote queue is full and nobody reads it: acks stop, the sender's
     # window holds what it took.  Stopped, it waits drain_timeout for acks,
@@ -638,9 +685,9 @@ def test_stopped_sender_puts_its_unacknowledged_window_back(size):
 def test_malformed_frames_leave_a_real_queue_intact():
     q = Queue(capacity=1 << 20)
     core = B.ReceiverCore(q)
-    core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, 1, 1)])
+    core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, B.PROTOCOL, 1, 1)])
     core.handle(SESSION, _data(1, [(9, b"x", [])]))
-    core.handle(SESSION, _data(1, [(0, b"x", [b"1" * 9000])])[:-1])
+    core.handle(SESSION, _data(1, [(0, b"x", [b"1" * 9000])], own_from=8192)[:-1])
     core.handle(SESSION, _data(1, [(2, b"ok", [])]))
     assert q.get(timeout=5) == b"ok"
     assert q.empty()

@@ -24,7 +24,8 @@ raw bytes (kind 2, no buffers).  Large messages leave shared memory without a
 copy: a Queue sender takes them with the core's pinning get (as
 ``get_nocopy``), a Channel sender with ``recv_view()``, and sends the views as
 ``copy=False`` frames; they stay pinned until zmq has sent them and the
-receiver has acknowledged them.  Parts under 8 KiB are packed into one frame.
+receiver has acknowledged them.  Parts under 128 KiB are copied into one
+frame: below that a copy costs less than a frame of its own.
 
 Protocol (ZeroMQ DEALER -> ROUTER, multipart frames, little-endian)
 -------------------------------------------------------------------
@@ -33,11 +34,15 @@ new for every Sender), the receiver a ROUTER (``ROUTER_HANDOVER``: a
 reconnecting session takes its id over).  Either side may bind or connect.
 
 =========  =====================================================================
-sender ->  ``[b"H", <16s session, B source (0 queue, 1 channel), 3x, Q nonce, Q first_unacked>]``
+sender ->  ``[b"H", <16s session, B source (0 queue, 1 channel), B protocol (1), 2x,
+           Q nonce, Q first_unacked>]``
            ``[b"D", <Q seq_first, I count, I nparts, count x (H kind, H nbufs),
-           nparts x I length>, blob, big part, ...]``: the parts (main, buffers
-           of each message in order) shorter than 8 KiB packed in `blob`, each
-           longer one a frame of its own (sent with copy=False)
+           nparts x I length>, blob, own part, ...]``: the parts (main, buffers
+           of each message in order) one after another in `blob`, except
+           those whose length has bit 31 set (OWN_FRAME): each of them is a
+           frame of its own, in order (sent with copy=False).  Which parts go
+           where is the sender's choice; the receiver checks it against the
+           frames.
 receiver   ``[b"W", <Q nonce, Q delivered>]`` welcome: resume after `delivered`
 ->         ``[b"A", <Q delivered>]`` cumulative acknowledgement
            ``[b"R"]`` unknown session or a gap in the sequence: say hello again
@@ -97,14 +102,22 @@ MSG_RAW_BYTES = 2
 SRC_QUEUE, SRC_CHANNEL = 0, 1
 
 T_HELLO, T_DATA, T_WELCOME, T_ACK, T_RESYNC, T_ERR = b"H", b"D", b"W", b"A", b"R", b"E"
-HELLO = struct.Struct("<16sB3xQQ")
+PROTOCOL = 1                        # in HELLO; a receiver refuses any other version
+HELLO = struct.Struct("<16sBB2xQQ")         # session, source, protocol, nonce, first_unacked
 DATA_HDR = struct.Struct("<QII")            # seq_first, count, parts
 WELCOME = struct.Struct("<QQ")
 ACK = struct.Struct("<Q")
 MAX_BATCH = 4096                    # messages per DATA message
 MAX_BUFS = 4094                     # out-of-band buffers per Queue message (parts <= 4096)
 MAX_SEQ = (1 << 63) - 1
-INLINE_MAX = 8192                   # parts shorter than this travel packed in one frame
+OWN_FRAME = 1 << 31                 # in a part's length: the part is a frame of its own
+MAX_PART = OWN_FRAME - 1            # so a part is at most 2 GiB - 1
+# a sender copies parts shorter than this into the blob frame, and sends
+# longer ones as frames of their own without a copy: below it a copy costs
+# less than a frame (pyzmq frame, zmq message, a receive buffer, the
+# zero-copy release through pyzmq's garbage-collector thread); measured with
+# bench/bridge_bench.py, docs/BRIDGE.md
+INLINE_MAX = 128 << 10
 DEFAULT_MAX_MESSAGE = 1 << 30      # a receiver refuses larger messages (--max-message)
 ACK_BYTES = 1 << 20                 # a receiver acknowledges at least every MiB
 HOLD_FROM = 65536                   # a Queue sender takes messages this large without a copy
@@ -359,7 +372,17 @@ class _Batch:
         self.hold = None
 
 
+def _part_len(ln: int, own_from: int = INLINE_MAX) -> int:
+    """A part's length as DATA states it: with OWN_FRAME from own_from on."""
+    if ln > MAX_PART:
+        raise ValueError(f"a message part of {ln} bytes: a bridge carries parts up to "
+                         f"{MAX_PART} bytes")
+    return ln if ln < own_from else ln | OWN_FRAME
+
+
 def _frames(seq, desc, lens, small, big) -> list:
+    """DATA for parts already sorted by _part_len(): `small` copied into the
+    blob, `big` as frames of their own."""
     hdr = (DATA_HDR.pack(seq, len(desc) // 2, len(lens)) + struct.pack(f"<{len(desc)}H", *desc)
            + struct.pack(f"<{len(lens)}I", *lens))
     return [T_DATA, hdr, b"".join(small), *big]
@@ -409,7 +432,7 @@ class _QueueSource:
             msize = 0
             for part in (main, *bufs) if bufs else (main,):
                 ln = len(part) if type(part) is bytes else memoryview(part).nbytes
-                lens.append(ln)
+                lens.append(_part_len(ln))
                 msize += ln
                 (small if ln < INLINE_MAX else big).append(part)
             size += msize
@@ -468,11 +491,10 @@ class _ChannelSource:
         while True:
             ln = len(v)
             desc += (MSG_RAW_BYTES, 0)
-            lens.append(ln)
+            lens.append(_part_len(ln))
             size += ln
             if ln < INLINE_MAX:
-                small.append(v.tobytes())
-                v.release()
+                small.append(v)                # copied into the blob, then released
             else:
                 # the view itself goes to zmq (copy=False) and stays in the
                 # window: its release() waits until zmq let go of it
@@ -485,7 +507,10 @@ class _ChannelSource:
                 v = recv(False)
             except _queue.Empty:
                 break
-        return _Batch(seq, count, _frames(seq, desc, lens, small, big), size, hold)
+        frames = _frames(seq, desc, lens, small, big)
+        for v in small:
+            v.release()
+        return _Batch(seq, count, frames, size, hold)
 
     def wait_begin(self):
         # a receive that found nothing armed the kick eventfd
@@ -692,8 +717,12 @@ def _parse_header(frames):
                             f"{nparts}")
     lens = struct.unpack_from(f"<{nparts}I", hdr, DATA_HDR.size + 4 * count)
     blob = memoryview(frames[2])
-    big = [ln for ln in lens if ln >= INLINE_MAX]
-    if len(big) != len(frames) - 3 or sum(lens) - sum(big) != blob.nbytes:
+    big = [ln & MAX_PART for ln in lens if ln & OWN_FRAME]
+    if big:
+        if len(big) != len(frames) - 3 or sum(lens) - len(big) * OWN_FRAME - sum(big) \
+                != blob.nbytes:
+            raise ProtocolError("DATA parts do not match the frames")
+    elif len(frames) != 3 or sum(lens) != blob.nbytes:
         raise ProtocolError("DATA parts do not match the frames")
     return seq, count, nparts, desc, lens, blob, big
 
@@ -726,8 +755,8 @@ def parse_packed(frames, max_message: int, check=None, header=None):
 def parse_data(frames, max_message: int, check=None, header=None):
     """Validate a DATA message (``frames[0] == b"D"``) completely; returns
     (seq_first, [(kind, main, bufs, size), ...]) or raises ProtocolError.
-    Parts shorter than INLINE_MAX are views of the blob frame, the others
-    are frames of their own (that rule is checked, not trusted).
+    Parts are views of the blob frame, or frames of their own where their
+    length has OWN_FRAME (checked against the frames, not trusted).
     `header`: _parse_header(frames) if the caller has it already."""
     seq, count, nparts, desc, lens, blob, big = header or _parse_header(frames)
     if nparts == count and not big:
@@ -747,10 +776,11 @@ def parse_data(frames, max_message: int, check=None, header=None):
             check(kind, nbufs)
         parts, size = [], 0
         for ln in lens[k:k + 1 + nbufs]:
-            if ln < INLINE_MAX:
+            if not ln & OWN_FRAME:
                 parts.append(blob[pos:pos + ln])
                 pos += ln
             else:
+                ln &= MAX_PART
                 f = frames[nxt]
                 nxt += 1
                 if memoryview(f).nbytes != ln:
@@ -764,15 +794,16 @@ def parse_data(frames, max_message: int, check=None, header=None):
     return seq, msgs
 
 
-def build_data(seq: int, entries) -> list:
-    """The frames of a DATA message for entries (kind, main, bufs)."""
+def build_data(seq: int, entries, own_from: int = INLINE_MAX) -> list:
+    """The frames of a DATA message for entries (kind, main, bufs), parts
+    from own_from bytes on in frames of their own."""
     desc, lens, small, big = [], [], [], []
     for kind, main, bufs in entries:
         desc += (kind, len(bufs))
         for part in (main, *bufs):
             ln = memoryview(part).nbytes
-            lens.append(ln)
-            (small if ln < INLINE_MAX else big).append(part)
+            lens.append(_part_len(ln, own_from))
+            (small if ln < own_from else big).append(part)
     return _frames(seq, desc, lens, small, big)
 
 
@@ -809,9 +840,14 @@ class ReceiverCore:
     def _hello(self, rid, frames):
         if len(frames) != 2 or memoryview(frames[1]).nbytes != HELLO.size:
             raise ProtocolError("malformed HELLO")
-        session, source, nonce, first_unacked = HELLO.unpack(bytes(frames[1]))
+        session, source, protocol, nonce, first_unacked = HELLO.unpack(bytes(frames[1]))
         if session != rid:
             raise ProtocolError("HELLO session differs from the routing id")
+        if protocol != PROTOCOL:
+            log.error("refused a sender speaking bridge protocol %d (this receiver: %d)",
+                      protocol, PROTOCOL)
+            return [[T_ERR, f"bridge protocol {protocol}, this receiver speaks {PROTOCOL}: "
+                             f"run the same vringipc version on both sides".encode()]]
         if source not in (SRC_QUEUE, SRC_CHANNEL) or not 1 <= first_unacked <= MAX_SEQ:
             raise ProtocolError("malformed HELLO")
         if source not in self.sink.accepts:
@@ -1081,7 +1117,8 @@ class Sender:
         self.last_hello = time.monotonic()
         try:
             self.link.sock.send_multipart(
-                [T_HELLO, HELLO.pack(self.session, self.src.kind, self.nonce, self.acked + 1)],
+                [T_HELLO, HELLO.pack(self.session, self.src.kind, PROTOCOL, self.nonce,
+                                     self.acked + 1)],
                 zmq.NOBLOCK)
             self.hellos += 1
         except zmq.Again:
