@@ -3,6 +3,7 @@ run as raw pyzmq PUSH/PULL with the same message sizes.
 
     python bench/bridge_bench.py [--runs 3] [--kind queue|channel] [--json out.json]
                                  [--sizes 64,65536,1048576] [--no-tune-malloc]
+                                 [--inline-max BYTES]
 
 Throughput: a producer process puts N messages into a local object, a sender
 bridge and a receiver bridge (two more processes) carry them over
@@ -61,6 +62,11 @@ from vringipc import bridge  # noqa: E402
 # through the local queues' 64 MiB arenas, so that their first touch (page
 # faults; 40 per 1 MiB message when only 400 were sent) is not what is measured
 SIZES = {64: 200_000, 65536: 20_000, 1 << 20: 2_000}
+
+
+def messages_for(size: int) -> int:
+    """SIZES[size], or for another size about 1.3 GiB's worth."""
+    return SIZES.get(size) or max(2_000, min(200_000, (1300 << 20) // size))
 ZERO_COPY_FROM = 65536       # from this size both sides use their zero-copy calls
 HWM = 1000                   # zmq's default high-water mark; the local queues' maxsize
 
@@ -317,12 +323,18 @@ def main() -> None:
     ap.add_argument("--no-tune-malloc", action="store_true",
                     help="bridges without keep_freed_buffers() (what it buys)")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)),
-                    help="comma-separated message sizes, of " + ",".join(map(str, SIZES)))
+                    help="comma-separated message sizes (default: %(default)s)")
+    ap.add_argument("--inline-max", type=int, metavar="BYTES",
+                    help="sending bridges copy parts shorter than this into one frame "
+                         f"(bridge.INLINE_MAX, {bridge.INLINE_MAX}): where copying stops paying")
     args = ap.parse_args()
+    if args.inline_max is not None:
+        bridge.INLINE_MAX = args.inline_max      # the forked bridges inherit it
     global TUNE_MALLOC
     TUNE_MALLOC = not args.no_tune_malloc
-    sizes = {int(x): SIZES[int(x)] for x in args.sizes.split(",")}
+    sizes = {int(x): messages_for(int(x)) for x in args.sizes.split(",")}
     res: dict = {"kind": args.kind, "runs": args.runs, "tune_malloc": TUNE_MALLOC,
+                 "inline_max": bridge.INLINE_MAX,
                  "throughput": {}, "latency_us": {}}
     # per size: case name -> function; the NumPy case only where a Queue
     # has zero-copy calls worth using

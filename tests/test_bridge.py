@@ -320,7 +320,7 @@ class FakeSink:
 SESSION = b"S" * 16
 
 
-def _data(seq, items, count=None, own_from=B.INLINE_MAX):
+def _data(seq, items, count=None, own_from=None):
     frames = B.build_data(seq, items, own_from)
     if count is not None:                   # a header that lies about the count
         frames[1] = frames[1][:8] + struct.pack("<I", count) + frames[1][12:]
@@ -603,6 +603,38 @@ def test_queue_round_trip_never_unpickles():
             qa.put(o)
         got = [qb.get(timeout=20) for _ in objs]
         assert stop(s) == 0 and stop(r) == 0
+    for o, g in zip(objs, got):
+        if isinstance(o, dict):
+            assert g["i"] == o["i"] and (g["arr"] == o["arr"]).all()
+        else:
+            assert g == o
+    qa.close()
+    qb.close()
+
+
+def _send_with_inline_max(inline_max, obj, ep):
+    B.INLINE_MAX = inline_max                   # this child's sender only
+    B.run_until_signal(B.Sender(obj, ep))
+
+
+@needs_raw
+@pytest.mark.parametrize("inline_max", [1, 1 << 20])     # every part a frame; none
+def test_where_parts_travel_is_the_senders_choice(inline_max):
+    # the receiver follows the OWN_FRAME marks, whatever threshold the sender used
+    np = pytest.importorskip("numpy")
+    qa, qb = Queue(capacity=16 << 20), Queue(capacity=16 << 20)
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    objs = []
+    for i, n in enumerate([8, 5000, 70_000, 300_000] * 10):
+        objs += [numbered(i, n), {"i": i, "arr": np.full(n // 4, i, dtype=np.int32)}]
+    with reaped() as kids:
+        start(kids, "recv", qb, ep)
+        s = Forked(_send_with_inline_max, inline_max, qa, ep)
+        kids.append(s)
+        for o in objs:
+            qa.put(o)
+        got = [qb.get(timeout=20) for _ in objs]
+        assert stop(s) == 0 and stop(kids[0]) == 0
     for o, g in zip(objs, got):
         if isinstance(o, dict):
             assert g["i"] == o["i"] and (g["arr"] == o["arr"]).all()

@@ -372,17 +372,22 @@ class _Batch:
         self.hold = None
 
 
-def _part_len(ln: int, own_from: int = INLINE_MAX) -> int:
-    """A part's length as DATA states it: with OWN_FRAME from own_from on."""
+def _place(part, ln: int, lens: list, small: list, big: list, own_from: int | None = None) -> bool:
+    """Place a part of ln bytes in a DATA message being built: into `small`
+    (copied into the blob) or, from own_from (default INLINE_MAX) bytes on,
+    into `big` (a frame of its own, OWN_FRAME in its stated length); its
+    stated length into `lens`.  True if it went to `big`."""
     if ln > MAX_PART:
         raise ValueError(f"a message part of {ln} bytes: a bridge carries parts up to "
                          f"{MAX_PART} bytes")
-    return ln if ln < own_from else ln | OWN_FRAME
+    own = ln >= (INLINE_MAX if own_from is None else own_from)
+    lens.append(ln | OWN_FRAME if own else ln)
+    (big if own else small).append(part)
+    return own
 
 
 def _frames(seq, desc, lens, small, big) -> list:
-    """DATA for parts already sorted by _part_len(): `small` copied into the
-    blob, `big` as frames of their own."""
+    """DATA for parts placed by _place()."""
     hdr = (DATA_HDR.pack(seq, len(desc) // 2, len(lens)) + struct.pack(f"<{len(desc)}H", *desc)
            + struct.pack(f"<{len(lens)}I", *lens))
     return [T_DATA, hdr, b"".join(small), *big]
@@ -432,9 +437,8 @@ class _QueueSource:
             msize = 0
             for part in (main, *bufs) if bufs else (main,):
                 ln = len(part) if type(part) is bytes else memoryview(part).nbytes
-                lens.append(_part_len(ln))
+                _place(part, ln, lens, small, big)
                 msize += ln
-                (small if ln < INLINE_MAX else big).append(part)
             size += msize
             count += 1
             if (msize >= HOLD_FROM) != self._hold and self._core_get is not None:
@@ -491,15 +495,12 @@ class _ChannelSource:
         while True:
             ln = len(v)
             desc += (MSG_RAW_BYTES, 0)
-            lens.append(_part_len(ln))
             size += ln
-            if ln < INLINE_MAX:
-                small.append(v)                # copied into the blob, then released
-            else:
+            if _place(v, ln, lens, small, big):
                 # the view itself goes to zmq (copy=False) and stays in the
                 # window: its release() waits until zmq let go of it
-                big.append(v)
                 hold.append(v)
+            # (a part in `small` is copied into the blob, then released)
             count += 1
             if count >= n or size >= nbytes:
                 break
@@ -794,16 +795,14 @@ def parse_data(frames, max_message: int, check=None, header=None):
     return seq, msgs
 
 
-def build_data(seq: int, entries, own_from: int = INLINE_MAX) -> list:
+def build_data(seq: int, entries, own_from: int | None = None) -> list:
     """The frames of a DATA message for entries (kind, main, bufs), parts
     from own_from bytes on in frames of their own."""
     desc, lens, small, big = [], [], [], []
     for kind, main, bufs in entries:
         desc += (kind, len(bufs))
         for part in (main, *bufs):
-            ln = memoryview(part).nbytes
-            lens.append(_part_len(ln, own_from))
-            (small if ln < own_from else big).append(part)
+            _place(part, memoryview(part).nbytes, lens, small, big, own_from)
     return _frames(seq, desc, lens, small, big)
 
 
