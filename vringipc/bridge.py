@@ -120,7 +120,8 @@ MAX_PART = OWN_FRAME - 1            # so a part is at most 2 GiB - 1
 INLINE_MAX = 128 << 10
 DEFAULT_MAX_MESSAGE = 1 << 30      # a receiver refuses larger messages (--max-message)
 ACK_BYTES = 1 << 20                 # a receiver acknowledges at least every MiB
-HOLD_FROM = 65536                   # a Queue sender takes messages this large without a copy
+HOLD_FROM = 65536                   # a Queue sender takes messages this large as views (no
+                                    # copy by the get: one into the blob, or none from INLINE_MAX)
 PACK_BYTES = 256 << 10              # a run of small messages taken in one call: at most this much
 
 DEFAULT_WINDOW = 4096
