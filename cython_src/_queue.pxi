@@ -1042,9 +1042,14 @@ cdef class QueueCore:
                 if not block or rc == -ETIMEDOUT:
                     raise Full()
                 if deadline == -2:
-                    # brief spin: room usually appears within microseconds
+                    # brief spin: room usually appears within microseconds,
+                    # when a take makes it; room held by zero-copy views
+                    # comes back when their user drops them, moves no
+                    # counter a spin could watch, and _unhold wakes the
+                    # sleep below
                     deadline = _deadline(timeout)
-                    self._spin(self.takes, deadline, takes_seen)
+                    if not self._room_held_by_views():
+                        self._spin(self.takes, deadline, takes_seen)
                     continue
                 # Announce ourselves, then try once more: a consumer that freed
                 # room before seeing the announcement is caught by this retry,
@@ -1068,6 +1073,16 @@ cdef class QueueCore:
                     raise Full()
         finally:
             self.mapped.leave()
+
+    cdef inline bint _room_held_by_views(self) noexcept nogil:
+        """After a put found no room: is it the ring or the arena held by
+        zero-copy messages (get_nocopy) that reclamation cannot pass or had
+        to pin, rather than maxsize?  A snapshot; wrong only in a race with
+        a take or a release, which then costs a sleep instead of a spin."""
+        if self.maxsize and self._count() >= self.maxsize:
+            return False
+        return vr_load_relaxed_u32(self.pinned) != 0 or \
+            <uint16_t>vr_load_relaxed_u32(self.reclaim) != vr_load_relaxed_u16(&self.used.idx)
 
     cdef inline uint64_t _in_flight(self) noexcept nogil:
         """Arena bytes between the oldest unreclaimed message and the head

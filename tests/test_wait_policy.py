@@ -7,13 +7,14 @@ words say what they should and that a waiter is served whatever they say
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 
 from forking import Forked, Pipe, wait_for
 from vringipc import Channel, Queue, SimpleQueue
-from vringipc.errors import Empty
+from vringipc.errors import Empty, Full
 from vringipc import layout as L
 from vringipc._ring import WAIT_ASLEEP, WAIT_OFFSETS, WAIT_RUNNING, wait_hint
 
@@ -208,4 +209,63 @@ def test_a_long_spin_misses_no_put_or_take():
         assert [q1.get() for _ in range(2000)] == list(range(2000))
         assert c.join() == 0
     for q in (qa, qb, q1):
+        q.close()
+
+
+def _put_rounds(q, arr, fit, rounds, go):
+    for _ in range(rounds):
+        os.read(go, 1)
+        for _ in range(fit):
+            q.put(arr)
+
+
+@pytest.mark.timeout(25)
+@pytest.mark.parametrize("producer", ["thread", "process"])
+def test_a_put_waiting_for_room_held_by_views_does_not_spin_out(producer):
+    # Room held by zero-copy views comes back when the consumer drops them,
+    # and no take comes with it: a put that spun waiting for a take spun its
+    # whole budget (here 30 s, past this test's timeout) before it slept and
+    # was woken by the release.  Each round the consumer holds a full arena,
+    # lets the producer start its next round (whose first put must wait),
+    # then releases.  (It failed, spinning out, with the put spinning.)
+    np = pytest.importorskip("numpy")
+    import threading
+    import time
+    arr = np.ones(100 << 10, np.uint8)
+    q = Queue(64, capacity=1 << 20, spin=30.0)
+    held = []
+    while True:                                   # how many fit: the arena's room
+        try:
+            q.put(arr, block=False)
+        except Full:
+            break
+        held.append(q.get_nocopy())
+    fit = len(held)
+    assert 2 <= fit < 64                          # the arena bounds it, not maxsize
+    held.clear()
+    rounds = 10
+    r, w = os.pipe()
+    args = (q, arr, fit, rounds, r)
+    t = threading.Thread(target=_put_rounds, args=args, daemon=True)
+    try:
+        with (Forked(_put_rounds, *args) if producer == "process"
+              else contextlib.nullcontext()) as c:
+            if producer == "thread":
+                t.start()
+            os.write(w, b"g")
+            for k in range(rounds):
+                held = [q.get_nocopy(timeout=20) for _ in range(fit)]
+                assert all((a == 1).all() for a in held)
+                if k + 1 < rounds:
+                    os.write(w, b"g")             # its next put waits for room
+                    time.sleep(0.05)
+                held.clear()                      # the release: room, no take
+            if producer == "thread":
+                t.join(20)
+                assert not t.is_alive()
+            else:
+                assert c.join() == 0
+    finally:
+        os.close(r)
+        os.close(w)
         q.close()
