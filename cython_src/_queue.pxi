@@ -1077,8 +1077,10 @@ cdef class QueueCore:
     cdef inline bint _room_held_by_views(self) noexcept nogil:
         """After a put found no room: is it the ring or the arena held by
         zero-copy messages (get_nocopy) that reclamation cannot pass or had
-        to pin, rather than maxsize?  A snapshot; wrong only in a race with
-        a take or a release, which then costs a sleep instead of a spin."""
+        to pin, rather than maxsize?  A hint from relaxed loads (no barrier
+        pairs with them): a wrong answer, in a race with a take or a release
+        or from a hostile peer's words, costs a sleep instead of a spin or the
+        reverse; the announce-fence-retry before the sleep keeps it correct."""
         if self.maxsize and self._count() >= self.maxsize:
             return False
         return vr_load_relaxed_u32(self.pinned) != 0 or \

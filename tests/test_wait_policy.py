@@ -227,7 +227,7 @@ def test_a_put_waiting_for_room_held_by_views_does_not_spin_out(producer):
     # whole budget (here 30 s, past this test's timeout) before it slept and
     # was woken by the release.  Each round the consumer holds a full arena,
     # lets the producer start its next round (whose first put must wait),
-    # then releases.  (It failed, spinning out, with the put spinning.)
+    # then releases.  (Before the fix: failed 4 runs of 4.)
     np = pytest.importorskip("numpy")
     import threading
     import time
