@@ -62,13 +62,13 @@ from vringipc import bridge  # noqa: E402
 # through the local queues' 64 MiB arenas, so that their first touch (page
 # faults; 40 per 1 MiB message when only 400 were sent) is not what is measured
 SIZES = {64: 200_000, 65536: 20_000, 1 << 20: 2_000}
+ZERO_COPY_FROM = 65536       # from this size both sides use their zero-copy calls
+HWM = 1000                   # zmq's default high-water mark; the local queues' maxsize
 
 
 def messages_for(size: int) -> int:
     """SIZES[size], or for another size about 1.3 GiB's worth."""
     return SIZES.get(size) or max(2_000, min(200_000, (1300 << 20) // size))
-ZERO_COPY_FROM = 65536       # from this size both sides use their zero-copy calls
-HWM = 1000                   # zmq's default high-water mark; the local queues' maxsize
 
 
 def free_port() -> int:

@@ -720,11 +720,8 @@ def _parse_header(frames):
     lens = struct.unpack_from(f"<{nparts}I", hdr, DATA_HDR.size + 4 * count)
     blob = memoryview(frames[2])
     big = [ln & MAX_PART for ln in lens if ln & OWN_FRAME]
-    if big:
-        if len(big) != len(frames) - 3 or sum(lens) - len(big) * OWN_FRAME - sum(big) \
-                != blob.nbytes:
-            raise ProtocolError("DATA parts do not match the frames")
-    elif len(frames) != 3 or sum(lens) != blob.nbytes:
+    in_blob = sum(lens) - len(big) * OWN_FRAME - sum(big)
+    if len(big) != len(frames) - 3 or in_blob != blob.nbytes:
         raise ProtocolError("DATA parts do not match the frames")
     return seq, count, nparts, desc, lens, blob, big
 
