@@ -320,6 +320,10 @@ class FakeSink:
 SESSION = b"S" * 16
 
 
+def _hello(nonce=1, first_unacked=1, protocol=B.PROTOCOL):
+    return [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, protocol, nonce, first_unacked)]
+
+
 def _data(seq, items, count=None, own_from=None):
     frames = B.build_data(seq, items, own_from)
     if count is not None:                   # a header that lies about the count
@@ -330,7 +334,7 @@ def _data(seq, items, count=None, own_from=None):
 def test_receiver_core_sequence_rules(caplog):
     sink = FakeSink()
     core = B.ReceiverCore(sink)
-    hello = [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, B.PROTOCOL, 7, 1)]
+    hello = _hello(7)
     assert core.handle(SESSION, hello) == [[B.T_WELCOME, B.WELCOME.pack(7, 0)]]
     assert core.handle(SESSION, _data(1, [(0, b"m1", [b"b"]), (2, b"m2", [])])) == \
         [[B.T_ACK, B.ACK.pack(2)]]
@@ -380,7 +384,7 @@ def test_a_sender_of_another_protocol_version_is_refused():
     # sender's HELLO had a zero where the version now is)
     core = B.ReceiverCore(FakeSink())
     for v in (0, B.PROTOCOL + 1):
-        rep = core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, v, 1, 1)])
+        rep = core.handle(SESSION, _hello(protocol=v))
         assert rep[0][0] == B.T_ERR and b"protocol" in rep[0][1]
     assert not core.sessions
 
@@ -409,13 +413,13 @@ def test_state_file_survives_restart_and_is_exclusive(tmp_path):
     with pytest.raises(RuntimeError, match="in use"):
         B.StateFile(p)
     core = B.ReceiverCore(FakeSink(), st)
-    core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, B.PROTOCOL, 1, 1)])
+    core.handle(SESSION, _hello())
     core.handle(SESSION, _data(1, [(2, b"a", []), (2, b"b", [])]))
     st.close()
     st = B.StateFile(p)
     sink = FakeSink()
     core = B.ReceiverCore(sink, st)
-    assert core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, B.PROTOCOL, 1, 1)]) == \
+    assert core.handle(SESSION, _hello()) == \
         [[B.T_WELCOME, B.WELCOME.pack(1, 2)]]
     core.handle(SESSION, _data(1, [(2, b"a", []), (2, b"b", []), (2, b"c", [])]))
     assert [m for _k, m, _b in sink.got] == [b"c"]
@@ -430,7 +434,7 @@ def _receive_numbered(path, n, sink_kind):
     if sink_kind == "python":
         sink.put = lambda kind, main, bufs, timeout: None      # no need to keep them
     core = B.ReceiverCore(sink, st)
-    core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, B.PROTOCOL, 1, 1)])
+    core.handle(SESSION, _hello())
     for seq in range(1, n + 1):
         core.handle(SESSION, _data(seq, [(2, b"m", [])]))
         if sink_kind == "queue" and seq % 1000 == 0:
@@ -495,8 +499,7 @@ def test_fuzz_receive_side():
         st.one_of(st.none(), st.integers(0, 20)), st.integers(0, 2),
         st.lists(frame, max_size=2))
     raw = st.lists(frame, max_size=6)
-    hello = st.builds(lambda n, f: [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, B.PROTOCOL, n, f)],
-                      st.integers(0, 3), st.integers(1, 6))
+    hello = st.builds(_hello, st.integers(0, 3), st.integers(1, 6))
     message = st.one_of(structured, raw, hello,
                         st.builds(lambda f: [B.T_HELLO, f], frame))
 
@@ -584,6 +587,16 @@ def test_cli_refuses_public_bind_without_flag():
 
 # --- Queue -> bridge -> bridge -> Queue (needs the raw message API) ---------------------------
 
+def _assert_same(objs, got):
+    """got is objs after a round trip: dicts {"i", "arr"} compared field by field."""
+    assert len(got) == len(objs)
+    for o, g in zip(objs, got):
+        if isinstance(o, dict):
+            assert g["i"] == o["i"] and (g["arr"] == o["arr"]).all()
+        else:
+            assert g == o
+
+
 @needs_raw
 def test_queue_round_trip_never_unpickles():
     np = pytest.importorskip("numpy")
@@ -603,11 +616,7 @@ def test_queue_round_trip_never_unpickles():
             qa.put(o)
         got = [qb.get(timeout=20) for _ in objs]
         assert stop(s) == 0 and stop(r) == 0
-    for o, g in zip(objs, got):
-        if isinstance(o, dict):
-            assert g["i"] == o["i"] and (g["arr"] == o["arr"]).all()
-        else:
-            assert g == o
+    _assert_same(objs, got)
     qa.close()
     qb.close()
 
@@ -635,11 +644,7 @@ def test_where_parts_travel_is_the_senders_choice(inline_max):
             qa.put(o)
         got = [qb.get(timeout=20) for _ in objs]
         assert stop(s) == 0 and stop(kids[0]) == 0
-    for o, g in zip(objs, got):
-        if isinstance(o, dict):
-            assert g["i"] == o["i"] and (g["arr"] == o["arr"]).all()
-        else:
-            assert g == o
+    _assert_same(objs, got)
     qa.close()
     qb.close()
 
@@ -717,7 +722,7 @@ def test_stopped_sender_puts_its_unacknowledged_window_back(size):
 def test_malformed_frames_leave_a_real_queue_intact():
     q = Queue(capacity=1 << 20)
     core = B.ReceiverCore(q)
-    core.handle(SESSION, [B.T_HELLO, B.HELLO.pack(SESSION, B.SRC_QUEUE, B.PROTOCOL, 1, 1)])
+    core.handle(SESSION, _hello())
     core.handle(SESSION, _data(1, [(9, b"x", [])]))
     core.handle(SESSION, _data(1, [(0, b"x", [b"1" * 9000])], own_from=8192)[:-1])
     core.handle(SESSION, _data(1, [(2, b"ok", [])]))
