@@ -358,6 +358,15 @@ def test_receiver_core_sequence_rules(caplog):
     assert core2.handle(SESSION, _data(4, [(0, b"m4", [])])) == [[B.T_RESYNC]]
 
 
+def test_a_part_the_wire_cannot_state_is_a_clear_error():
+    # lengths are u32 with bit 31 marking a frame of its own: 2 GiB - 1 at most
+    lens, small, big = [], [], []
+    assert B._place(b"p", B.MAX_PART, lens, small, big) and lens == [B.MAX_PART | B.OWN_FRAME]
+    with pytest.raises(ValueError, match="parts up to"):
+        B._place(b"p", B.MAX_PART + 1, lens, small, big)
+    assert len(lens) == 1 and big == [b"p"] and small == []
+
+
 def _receive_speaking(protocol, obj, ep):
     B.PROTOCOL = protocol                       # this child's receiver only
     B.run_until_signal(B.Receiver(obj, ep))
